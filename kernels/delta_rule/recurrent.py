@@ -1,0 +1,131 @@
+"""Recurrent (token-by-token) form of GDN / KDA, tuned for decode.
+
+Decode is ``T == 1`` with a batch of sequences, so the loop is over time only and every step is a handful
+of batched tensor ops over ``[N, H, K, V]``. Two reformulations cut the passes over the state per token
+from five to three:
+
+* the decay is folded into the reads: ``S'^T k = S^T (exp(g) * k)`` (KDA scales rows, i.e. key channels);
+* the output is read from the *pre-update* state: ``o = S_new^T q = S'^T q + u (k . q)``, so the reads for
+  ``k`` and ``q`` are one ``[2, K] @ [K, V]`` matmul against the same state.
+
+The remaining passes are the decay, the rank-1 write, and that read. Without autograd the state is
+updated in place (on a private copy; the caller's ``initial_state`` is never modified).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels import fla
+from kernels.delta_rule.utils import VarlenLayout, check_inputs
+
+__all__ = ["recurrent_gated_delta_rule", "recurrent_kda", "recurrent_delta_rule"]
+
+
+def recurrent_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Pure-PyTorch recurrence for both rules: ``g`` ``[B, T, H]`` (GDN) or ``[B, T, H, K]`` (KDA)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    per_channel = g.dim() == 4
+    layout = None
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError("cu_seqlens requires inputs packed as B == 1")
+        layout = VarlenLayout(cu_seqlens, T, k.device)
+        q, k, v, g, beta = (layout.pad(x) for x in (q, k, v, g, beta))
+    N, L = k.shape[:2]
+    f32 = torch.float32
+    q, k, v, g, beta = q.to(f32), k.to(f32), v.to(f32), g.to(f32), beta.to(f32)
+    decay = g.exp()  # g <= 0, so this never overflows
+    if not per_channel:
+        decay = decay[..., None]  # [N, L, H, 1]: broadcasts over key channels like KDA's per-channel decay
+    q = q * scale
+    if initial_state is None:
+        S = torch.zeros(N, H, K, V, dtype=f32, device=k.device)
+    else:
+        S = initial_state.to(f32, copy=True)  # private copy: the no-grad path updates it in place
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, S))
+    outs = []
+    for t in range(L):
+        d_t = decay[:, t]  # [N, H, K]
+        k_t = k[:, t]
+        q_t = q[:, t]
+        qk = torch.stack([q_t * d_t, k_t * d_t], dim=2)  # [N, H, 2, K]: reads of the decayed state
+        reads = qk @ S  # [N, H, 2, V]
+        u = beta[:, t, :, None] * (v[:, t] - reads[:, :, 1])  # [N, H, V]
+        o_t = reads[:, :, 0] + (q_t * k_t).sum(-1, keepdim=True) * u
+        outs.append(o_t)
+        if grad:
+            S = S * d_t[..., None] + k_t[..., None] * u[:, :, None, :]
+        else:
+            S.mul_(d_t[..., None]).add_(k_t[..., None] * u[:, :, None, :])
+    o = torch.stack(outs, dim=1) if L else v.new_zeros(N, 0, H, V, dtype=f32)
+    if layout is not None:
+        o = layout.unpad(o)
+    return o.to(v.dtype), (S if output_final_state else None)
+
+
+def recurrent_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Gated DeltaNet, recurrent form (decode). ``g`` is the per-head log-decay ``[B, T, H]`` (<= 0).
+
+    q, k must already be L2-normalised; ``scale`` (default ``K ** -0.5``) multiplies q. Returns
+    ``(o [B, T, H, V] in v.dtype, final_state [N, H, K, V] fp32 or None)``. On CUDA with ``fla``
+    installed this routes to fla's ``fused_recurrent_gated_delta_rule`` (untested here).
+    """
+    check_inputs(q, k, v, g, beta, per_channel=False)
+    if fla.use_fla(q):
+        return fla.call("recurrent_gdn", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return recurrent_delta_rule(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )
+
+
+def recurrent_kda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Kimi Delta Attention, recurrent form (decode). ``g`` is the per-channel log-decay ``[B, T, H, K]``.
+
+    Same contract as :func:`recurrent_gated_delta_rule`; on CUDA with ``fla`` installed this routes to
+    fla's ``fused_recurrent_kda`` (untested here).
+    """
+    check_inputs(q, k, v, g, beta, per_channel=True)
+    if fla.use_fla(q):
+        return fla.call("recurrent_kda", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return recurrent_delta_rule(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )

@@ -1,0 +1,53 @@
+"""Shared plumbing for the delta-rule ops: argument checks and the varlen <-> padded-batch layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, per_channel: bool) -> None:
+    """Fail early with a readable message instead of a broadcasting error deep inside the kernel."""
+    if q.dim() != 4 or q.shape != k.shape:
+        raise ValueError(f"q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] matching k's [B, T, H], got {tuple(v.shape)}")
+    if beta.shape != k.shape[:3]:
+        raise ValueError(f"beta must be [B, T, H], got {tuple(beta.shape)}")
+    want = k.shape if per_channel else k.shape[:3]
+    if g.shape != want:
+        raise ValueError(f"g must be {list(want)} (log-decay), got {tuple(g.shape)}")
+
+
+class VarlenLayout:
+    """Maps a packed ``[1, T_total, ...]`` batch (fla's ``cu_seqlens`` convention) to a padded ``[N, L, ...]``.
+
+    Padding positions are filled with zeros. For the delta rule a zero step (k = 0, beta = 0, g = 0) is an
+    exact identity on the state (no decay, no write), so padding at the end of a sequence leaves its final
+    state untouched and the padded batch can run through the dense kernels unchanged. ``L`` is rounded up
+    to ``multiple`` so that chunks never straddle two sequences.
+    """
+
+    def __init__(self, cu_seqlens: Tensor, total: int, device: torch.device, multiple: int = 1) -> None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D tensor [N + 1]")
+        if int(cu[-1]) != total or int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {cu.tolist()}")
+        lens = cu[1:] - cu[:-1]
+        self.n = lens.numel()
+        longest = int(lens.max()) if self.n else 0
+        self.length = max(multiple, -(-longest // multiple) * multiple)
+        col = torch.arange(self.length, device=device)
+        self.valid = col[None, :] < lens[:, None]  # [N, L]
+        # Padding slots point at row `total`, a zero row appended by `pad`.
+        self.index = torch.where(self.valid, cu[:-1, None] + col[None, :], total)  # [N, L]
+
+    def pad(self, x: Tensor) -> Tensor:
+        """``[1, T, *rest] -> [N, L, *rest]`` with zeros in padding slots (differentiable gather)."""
+        flat = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])], dim=0)
+        return flat[self.index]
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """``[N, L, *rest] -> [1, T, *rest]`` keeping only real tokens, in sequence order."""
+        return x[self.valid].unsqueeze(0)

@@ -1,0 +1,112 @@
+"""Per-sequence decoding state, one object per layer, shaped by the mixer the sequence uses there.
+
+The math lives in the mixers (and kernels/); this module only stores and bounds what they carry between calls:
+
+* ``KVCache``       FA: every key/value so far; grows with the sequence.
+* ``WindowKVCache`` SWA: the first ``sinks`` positions plus a ring of the last ``window``; never larger.
+* ``DeltaState``    GDN/KDA: the short-convolution tail and the fp32 recurrent state; fixed size.
+
+Keys are stored after rotary embedding, so a cached key never needs its position again except for masking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KVCache:
+    k: Tensor  # [Hkv, capacity, D]
+    v: Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+              capacity: int = 64) -> KVCache:
+        shape = (num_kv_heads, capacity, head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    def append(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Add [Hkv, T, D] keys/values; return views of everything cached so far (no copy)."""
+        end = self.length + k_new.shape[1]
+        if end > self.k.shape[1]:
+            self.reserve(max(end, 2 * self.k.shape[1]))
+        self.k[:, self.length:end] = k_new
+        self.v[:, self.length:end] = v_new
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+    def reserve(self, capacity: int) -> None:
+        """Grow storage (doubling keeps appends amortised O(1)); callers that know the final length reserve it."""
+        if capacity <= self.k.shape[1]:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty((old.shape[0], capacity, old.shape[2]))
+            new[:, : self.length] = old[:, : self.length]
+            setattr(self, name, new)
+
+    def nbytes(self) -> int:
+        return 2 * self.length * self.k.shape[0] * self.k.shape[2] * self.k.element_size()
+
+
+@dataclass
+class WindowKVCache:
+    """Sinks in slots [0, sinks), the sliding window as a ring in slots [sinks, sinks + window)."""
+
+    k: Tensor  # [Hkv, sinks + window, D]
+    v: Tensor
+    pos: Tensor  # [sinks + window] absolute position held by each slot, -1 = empty
+    sinks: int
+    window: int
+
+    @classmethod
+    def empty(cls, num_kv_heads: int, head_dim: int, sinks: int, window: int, dtype: torch.dtype,
+              device: torch.device) -> WindowKVCache:
+        shape = (num_kv_heads, sinks + window, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   torch.full((sinks + window,), -1, dtype=torch.long, device=device), sinks, window)
+
+    def gather(self, k_new: Tensor, v_new: Tensor, pos_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Cached entries followed by the new ones (what the new queries may attend to, before masking)."""
+        return (torch.cat((self.k, k_new), dim=1), torch.cat((self.v, v_new), dim=1),
+                torch.cat((self.pos, pos_new)))
+
+    def store(self, k_new: Tensor, v_new: Tensor, pos_new: Tensor) -> None:
+        """Keep what future queries can still see: sink positions, and the newest ``window`` positions."""
+        keep = (pos_new < self.sinks) | (pos_new > pos_new.max() - self.window)
+        k_new, v_new, pos_new = k_new[:, keep], v_new[:, keep], pos_new[keep]
+        slots = torch.where(pos_new < self.sinks, pos_new, self.sinks + (pos_new - self.sinks) % self.window)
+        self.k[:, slots] = k_new
+        self.v[:, slots] = v_new
+        self.pos[slots] = pos_new
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class DeltaState:
+    conv: Tensor  # [C, conv_kernel - 1]: the last inputs of the short causal convolution
+    recurrent: Tensor  # [H, K, V] fp32
+
+    def nbytes(self) -> int:
+        return self.conv.numel() * self.conv.element_size() + self.recurrent.numel() * 4
+
+
+LayerState = KVCache | WindowKVCache | DeltaState
+
+
+@dataclass
+class SequenceState:
+    """Everything one sequence carries between forward calls: its placement and one state per layer."""
+
+    placement: tuple[str, ...]
+    layers: list[LayerState] = field(default_factory=list)
+    length: int = 0  # tokens consumed so far (= position of the next token)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

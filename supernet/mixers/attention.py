@@ -1,0 +1,86 @@
+"""Softmax attention mixers: FA (the teacher's attention exactly) and SWA (a window plus attention sinks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from supernet.cache import KVCache, LayerState, WindowKVCache
+from supernet.config import AttentionConfig, SupernetConfig
+from supernet.layers import AttentionProjections, apply_rotary
+from supernet.mixers.base import Mixer, MixerContext, MixerProjections
+
+
+def window_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, sinks: int) -> Tensor:
+    """Boolean [Tq, Tk] mask: causal, and for a window the last ``window`` positions plus the first ``sinks``.
+    Empty cache slots carry position -1 and are masked out."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= (q - k < window) | (k < sinks)
+    return mask
+
+
+def attend_grouped(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """One sequence's attention without materialising repeated KV heads.
+
+    q [H, T, D], k/v [Hkv, L, D], mask [T, L] or None (all visible). Query heads of a group are stacked along the
+    token axis so each KV head is read once: the decode step is bound by reading the cache, not by FLOPs."""
+    num_heads, t, d = q.shape
+    groups = num_heads // k.shape[0]
+    qg = q.reshape(k.shape[0], groups * t, d)
+    if mask is not None:
+        mask = mask.repeat(groups, 1)
+    out = F.scaled_dot_product_attention(qg.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask)
+    return out.reshape(num_heads, t, d)
+
+
+class Attention(Mixer):
+    """FA when ``acfg.window`` is None, SWA otherwise. Both rotate q/k exactly like the Llama-family teacher."""
+
+    def __init__(self, name: str, config: SupernetConfig, acfg: AttentionConfig, *, own: bool, lora_rank: int) -> None:
+        super().__init__()
+        self.name = name
+        self.num_heads, self.num_kv_heads, self.head_dim = acfg.num_heads, acfg.num_kv_heads, acfg.head_dim
+        self.window, self.sinks = acfg.window, acfg.sinks
+        self.proj = MixerProjections(config.hidden_size, acfg.num_heads, acfg.num_kv_heads, acfg.head_dim, acfg.bias,
+                                     own=own, lora_rank=lora_rank)
+
+    def forward(self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext,
+                states: list[LayerState] | None) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.proj.qkv(x, base)
+        q = apply_rotary(q.view(b, t, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
+        k = apply_rotary(k.view(b, t, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        if states is None:
+            out = self._full_sequence(q, k, v, ctx.positions[0])
+        else:
+            out = torch.stack([self._with_cache(q[i], k[i], v[i], ctx.positions[i], states[i]) for i in range(b)])
+        return self.proj.out(out.transpose(1, 2).reshape(b, t, -1), base)
+
+    def _full_sequence(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        if self.window is None or self.window >= q.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        mask = window_mask(positions, positions, self.window, self.sinks)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def _with_cache(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, state: LayerState) -> Tensor:
+        if isinstance(state, KVCache):
+            k_all, v_all = state.append(k, v)
+            if q.shape[1] == 1:
+                return attend_grouped(q, k_all, v_all, None)
+            k_pos = torch.arange(k_all.shape[1], device=q.device)
+            return attend_grouped(q, k_all, v_all, window_mask(positions, k_pos, None, 0))
+        assert isinstance(state, WindowKVCache)
+        k_all, v_all, k_pos = state.gather(k, v, positions)
+        out = attend_grouped(q, k_all, v_all, window_mask(positions, k_pos, self.window, self.sinks))
+        state.store(k, v, positions)
+        return out
+
+    def new_state(self, dtype: torch.dtype, device: torch.device) -> LayerState:
+        if self.window is None:
+            return KVCache.empty(self.num_kv_heads, self.head_dim, dtype, device)
+        return WindowKVCache.empty(self.num_kv_heads, self.head_dim, self.sinks, self.window, dtype, device)

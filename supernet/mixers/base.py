@@ -1,0 +1,78 @@
+"""What every mixer shares: the call interface, the per-call context, and how q/k/v/o weights are held."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from supernet.cache import LayerState
+from supernet.layers import AttentionProjections, LoRA, repeat_heads
+
+
+@dataclass
+class MixerContext:
+    """Per-call facts every mixer of every layer needs (computed once per model forward)."""
+
+    positions: Tensor  # [B, T] absolute positions of the new tokens
+    cos: Tensor  # [B, T, head_dim] rotary tables for those positions
+    sin: Tensor
+
+    def rows(self, index: Tensor) -> MixerContext:
+        return MixerContext(self.positions[index], self.cos[index], self.sin[index])
+
+
+class Mixer(nn.Module):
+    """A token mixer: [B, T, hidden] -> [B, T, hidden].
+
+    ``states`` is None for stateless full-sequence calls (training, scoring) or one state per batch row, which the
+    mixer reads and updates in place (prefill chunks and decode steps). ``base`` is the layer's shared teacher
+    projections in ``lora`` mode, None in ``full`` mode.
+    """
+
+    name: str
+
+    def forward(self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext,
+                states: list[LayerState] | None) -> Tensor:
+        raise NotImplementedError
+
+    def new_state(self, dtype: torch.dtype, device: torch.device) -> LayerState:
+        raise NotImplementedError
+
+
+class MixerProjections(nn.Module):
+    """q/k/v/o of one mixer, either owned outright (``own=True``) or the layer's frozen teacher projections plus
+    LoRA deltas (``own=False``; rank 0 means exactly the teacher's, as FA uses them).
+
+    ``kv_repeat`` tiles the teacher's KV heads for mixers without grouped KV (GDN/KDA use one key head per query
+    head); the LoRA deltas act on the tiled output so the tiled heads can drift apart during training.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, *, own: bool,
+                 lora_rank: int, kv_repeat: int = 1) -> None:
+        super().__init__()
+        self.head_dim, self.kv_repeat = head_dim, kv_repeat
+        q_dim, kv_dim = num_heads * head_dim, num_kv_heads * kv_repeat * head_dim
+        self.own = AttentionProjections(hidden, num_heads, num_kv_heads * kv_repeat, head_dim, bias) if own else None
+        self.lora = None
+        if not own and lora_rank > 0:
+            self.lora = nn.ModuleDict({"q": LoRA(hidden, q_dim, lora_rank), "k": LoRA(hidden, kv_dim, lora_rank),
+                                       "v": LoRA(hidden, kv_dim, lora_rank), "o": LoRA(q_dim, hidden, lora_rank)})
+
+    def qkv(self, x: Tensor, base: AttentionProjections | None) -> tuple[Tensor, Tensor, Tensor]:
+        if self.own is not None:
+            return self.own.q_proj(x), self.own.k_proj(x), self.own.v_proj(x)
+        assert base is not None, "shared-weight mixers need the layer's teacher projections"
+        q = base.q_proj(x)
+        k = repeat_heads(base.k_proj(x), self.head_dim, self.kv_repeat)
+        v = repeat_heads(base.v_proj(x), self.head_dim, self.kv_repeat)
+        if self.lora is not None:
+            q, k, v = q + self.lora["q"](x), k + self.lora["k"](x), v + self.lora["v"](x)
+        return q, k, v
+
+    def out(self, o: Tensor, base: AttentionProjections | None) -> Tensor:
+        if self.own is not None:
+            return self.own.o_proj(o)
+        y = base.o_proj(o)
+        return y + self.lora["o"](o) if self.lora is not None else y

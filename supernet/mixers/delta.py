@@ -1,0 +1,150 @@
+"""Linear-time mixers: Gated DeltaNet (one log-decay per head) and Kimi Delta Attention (one per key channel).
+
+Both follow the same path (REFERENCE.md, "Mixer math"):
+  q, k, v = SiLU(short causal conv(projections)); q, k L2-normalised per head; beta = sigmoid(W_b x);
+  delta-rule recurrence on an fp32 state; gated RMSNorm of the output; output projection.
+They differ in the decay (GDN scalar, KDA per channel through a low-rank projection) and the output gate
+(GDN SiLU, KDA sigmoid). The recurrence itself lives in kernels/.
+
+Transfer init (so every placement starts near the teacher): q/k/v/o are the teacher's (KV heads tiled), the
+convolution is the identity (only the newest tap is 1), beta starts at 0.5, the output gate starts neutral (its
+low-rank weight is zero and its bias makes the gate ~1), and the decay starts fast (half-life ~10 tokens), which
+REFERENCE.md measured to transfer better than a slow multi-scale decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels import (
+    causal_conv1d,
+    causal_conv1d_update,
+    chunk_gated_delta_rule,
+    chunk_kda,
+    gated_rms_norm,
+    l2_norm,
+    recurrent_gated_delta_rule,
+    recurrent_kda,
+)
+from supernet.cache import DeltaState, LayerState
+from supernet.config import DeltaConfig, SupernetConfig
+from supernet.layers import AttentionProjections
+from supernet.mixers.base import Mixer, MixerContext, MixerProjections
+
+SILU_ONE = 1.2784645  # silu(SILU_ONE) == 1.0: the GDN output gate's neutral bias
+SIGMOID_NEUTRAL = 5.0  # sigmoid(5) ~= 0.993: KDA's near-open gate
+FAST_DECAY = 0.1  # exp(A_log) at init; with softplus(0) the per-token decay is exp(-0.069) (half-life ~10 tokens)
+
+
+class LowRank(nn.Module):
+    """hidden -> rank -> out, the second projection zero-initialised so the output starts at its bias."""
+
+    def __init__(self, hidden: int, rank: int, out: int, bias_init: float | None) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, out, bias=bias_init is not None)
+        nn.init.zeros_(self.up.weight)
+        if bias_init is not None:
+            nn.init.constant_(self.up.bias, bias_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+
+class DeltaMixer(Mixer):
+    gate_activation: str
+
+    def __init__(self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int) -> None:
+        super().__init__()
+        self.name = name
+        fa = config.fa
+        if dcfg.num_heads != fa.num_heads or dcfg.head_dim != fa.head_dim:
+            raise ValueError(f"config.{name}: heads x head_dim must match the attention's "
+                             f"({fa.num_heads} x {fa.head_dim}) for transfer from the teacher")
+        self.num_heads, self.head_dim, self.eps = dcfg.num_heads, dcfg.head_dim, dcfg.norm_eps
+        width = dcfg.num_heads * dcfg.head_dim
+        self.proj = MixerProjections(config.hidden_size, fa.num_heads, fa.num_kv_heads, fa.head_dim, fa.bias, own=own,
+                                     lora_rank=lora_rank, kv_repeat=fa.num_heads // fa.num_kv_heads)
+        self.conv_weight = nn.Parameter(torch.zeros(3 * width, dcfg.conv_kernel))
+        with torch.no_grad():
+            self.conv_weight[:, -1] = 1.0
+        self.b_proj = nn.Linear(config.hidden_size, dcfg.num_heads, bias=True)
+        nn.init.zeros_(self.b_proj.weight)
+        nn.init.zeros_(self.b_proj.bias)
+        self.A_log = nn.Parameter(torch.full((dcfg.num_heads,), math.log(FAST_DECAY)))
+        self.norm_weight = nn.Parameter(torch.ones(dcfg.head_dim))
+
+    def decay(self, x: Tensor) -> Tensor:
+        """Log-decay g <= 0: [B, T, H] for GDN, [B, T, H, K] for KDA."""
+        raise NotImplementedError
+
+    def rule(self, chunked: bool):
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext,
+                states: list[LayerState] | None) -> Tensor:
+        b, t, _ = x.shape
+        qkv = torch.cat(self.proj.qkv(x, base), dim=-1)
+        conv_state = None if states is None else torch.stack([s.conv for s in states])
+        rec_state = None if states is None else torch.stack([s.recurrent for s in states])
+        if conv_state is not None and t == 1:
+            qkv, conv_state = causal_conv1d_update(qkv, conv_state, self.conv_weight, activation="silu")
+        else:
+            qkv, conv_state = causal_conv1d(qkv, self.conv_weight, activation="silu", initial_state=conv_state,
+                                            output_final_state=states is not None)
+        q, k, v = (z.view(b, t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
+        q, k = l2_norm(q), l2_norm(k)
+        beta = torch.sigmoid(self.b_proj(x))
+        rule = self.rule(chunked=states is None or t > 1)
+        o, rec_state = rule(q, k, v, self.decay(x), beta, initial_state=rec_state,
+                            output_final_state=states is not None)
+        if states is not None:
+            for i, state in enumerate(states):
+                state.conv, state.recurrent = conv_state[i], rec_state[i]
+        gate = self.gate(x).view(b, t, self.num_heads, self.head_dim)
+        o = gated_rms_norm(o, gate, self.norm_weight, self.eps, activation=self.gate_activation)
+        return self.proj.out(o.reshape(b, t, -1), base)
+
+    def new_state(self, dtype: torch.dtype, device: torch.device) -> LayerState:
+        width = self.num_heads * self.head_dim
+        return DeltaState(torch.zeros(3 * width, self.conv_weight.shape[1] - 1, dtype=dtype, device=device),
+                          torch.zeros(self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32, device=device))
+
+
+class GatedDeltaNet(DeltaMixer):
+    gate_activation = "silu"
+
+    def __init__(self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int) -> None:
+        super().__init__(name, config, dcfg, own=own, lora_rank=lora_rank)
+        self.a_proj = nn.Linear(config.hidden_size, dcfg.num_heads, bias=False)
+        nn.init.zeros_(self.a_proj.weight)
+        self.dt_bias = nn.Parameter(torch.zeros(dcfg.num_heads))
+        self.gate = LowRank(config.hidden_size, dcfg.gate_rank, dcfg.num_heads * dcfg.head_dim, SILU_ONE)
+
+    def decay(self, x: Tensor) -> Tensor:
+        return -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
+
+    def rule(self, chunked: bool):
+        return chunk_gated_delta_rule if chunked else recurrent_gated_delta_rule
+
+
+class KimiDeltaAttention(DeltaMixer):
+    gate_activation = "sigmoid"
+
+    def __init__(self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int) -> None:
+        super().__init__(name, config, dcfg, own=own, lora_rank=lora_rank)
+        width = dcfg.num_heads * dcfg.head_dim
+        self.f_proj = LowRank(config.hidden_size, dcfg.gate_rank, width, None)
+        self.dt_bias = nn.Parameter(torch.zeros(width))
+        self.gate = LowRank(config.hidden_size, dcfg.gate_rank, width, SIGMOID_NEUTRAL)
+
+    def decay(self, x: Tensor) -> Tensor:
+        f = (self.f_proj(x).float() + self.dt_bias).unflatten(-1, (self.num_heads, self.head_dim))
+        return -self.A_log.float().exp()[:, None] * F.softplus(f)
+
+    def rule(self, chunked: bool):
+        return chunk_kda if chunked else recurrent_kda
