@@ -77,6 +77,27 @@ def generate(
     typer.echo(tokenizer.decode(out, skip_special_tokens=True))
 
 
+# Subcommands that live with their subsystem: each module exposes ``register(app)`` and imports its heavy
+# dependencies inside the command bodies, so `supernet --help` stays fast.
+SUBCOMMAND_MODULES = ("supernet.training.cli", "placement.cli", "serving.cli")
+
+
+def _register_subcommands() -> None:
+    import importlib
+
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and name.startswith(err.name):
+                continue  # subsystem not installed in this build
+            raise
+        module.register(app)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     app()
 

@@ -61,6 +61,10 @@ def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32
             model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
             tmp = cached.with_name(cached.name + ".tmp")
+            # The dequantised weights are plain fp32 now; drop the GGUF quantizer so transformers will save them.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             if cached.exists():  # another process won the race
