@@ -55,24 +55,26 @@ def generate(
     prompt: Annotated[str, typer.Option(help="prompt text (sent as-is, no chat template)")],
     placement: Annotated[str, typer.Option(help="e.g. all-fa, all-gdn, fa-every-4:gdn, or a comma list")] = "all-fa",
     max_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep going past the EOS token")] = False,
 ) -> None:
     """Print a greedy continuation of PROMPT under a placement."""
     from transformers import AutoTokenizer
 
     from supernet.checkpoint import CheckpointError, load_supernet
     from supernet.generate import greedy_generate
-    from supernet.placement import PlacementError
+    from supernet.config import SupernetConfig
+    from supernet.placement import PlacementError, parse_placement
 
     if max_tokens < 1:
         fail(f"--max-tokens {max_tokens}: must be >= 1")
     try:
+        spec = parse_placement(placement, SupernetConfig.load(model).num_hidden_layers)  # fail fast, before loading
         net = load_supernet(model)
-        spec = net.placement(placement)
     except (CheckpointError, FileNotFoundError, PlacementError, ValueError) as err:
         fail(str(err))
     tokenizer = AutoTokenizer.from_pretrained(model)
     ids = tokenizer(prompt)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not ignore_eos else []
     out = greedy_generate(net, ids, spec, max_tokens, eos)
     typer.echo(tokenizer.decode(out, skip_special_tokens=True))
 

@@ -17,7 +17,7 @@ from supernet.cache import LayerState, SequenceState
 from supernet.config import MIXER_NAMES, SupernetConfig
 from supernet.layers import MLP, AttentionProjections, RMSNorm, RotaryEmbedding
 from supernet.mixers import MixerContext, build_mixer
-from supernet.placement import Placement, parse_placement
+from supernet.placement import ALIASES, Placement, parse_placement
 
 
 @dataclass
@@ -121,8 +121,8 @@ class SupernetForCausalLM(nn.Module):
             return [s.placement for s in states]
         if placement is None:
             raise ValueError("a placement is required without states")
-        if isinstance(placement, str) or (len(placement) and isinstance(placement[0], str)):
-            return [self.placement(placement)] * batch
+        if isinstance(placement, str) or all(isinstance(p, str) and p.strip().lower() in ALIASES for p in placement):
+            return [self.placement(placement)] * batch  # one placement (a spec, or one mixer name per layer)
         if len(placement) != batch:
             raise ValueError(f"{len(placement)} placements for a batch of {batch}")
         return [self.placement(p) for p in placement]
