@@ -101,7 +101,7 @@ def causal_conv1d(
     y = y_all[0].index_select(0, ext_tok_pos - (W - 1)).unsqueeze(0).to(x.dtype)
     final = None
     if output_final_state:
-        # The last W-1 columns of each sequence's segment (its prefix + tokens): ends at ext_start + len + W-1.
+        # The last W-1 columns of each sequence's segment (prefix + tokens), which ends at ext_start+len+W-1.
         end = ext_start + lens + (W - 1)
         pos = (end[:, None] - (W - 1) + torch.arange(W - 1, device=x.device)).reshape(-1)
         final = ext[0].index_select(0, pos).reshape(N, W - 1, C).transpose(1, 2).to(x.dtype)

@@ -11,6 +11,7 @@ Keys are stored after rotary embedding, so a cached key never needs its position
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,14 @@ class WindowKVCache:
         self.v[:, slots] = v_new
         self.pos[slots] = pos_new
 
+    def store_one(self, k_new: Tensor, v_new: Tensor, pos: int) -> int:
+        """Decode fast path of ``store`` for one token ([Hkv, 1, D]) at absolute position ``pos``."""
+        slot = pos if pos < self.sinks else self.sinks + (pos - self.sinks) % self.window
+        self.k[:, slot] = k_new[:, 0]
+        self.v[:, slot] = v_new[:, 0]
+        self.pos[slot] = pos
+        return pos
+
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
@@ -110,3 +119,12 @@ class SequenceState:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def clone(self) -> SequenceState:
+        """An independent copy (tensors copied): forks n samples off one prefill, or snapshots a state before
+        speculative tokens so rejected ones can be rolled back."""
+        layers = [dataclasses.replace(layer, **{f.name: getattr(layer, f.name).clone()
+                                                for f in dataclasses.fields(layer)
+                                                if isinstance(getattr(layer, f.name), Tensor)})
+                  for layer in self.layers]
+        return SequenceState(self.placement, layers, self.length)

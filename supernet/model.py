@@ -109,8 +109,30 @@ class SupernetForCausalLM(nn.Module):
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else x @ self.embed_tokens.weight.T
-        return SupernetOutput(logits, mixer_io)
+        return SupernetOutput(self._logits(x), mixer_io)
+
+    # At most this many rows go through the transposed copy of the output projection (see _logits).
+    SMALL_HEAD_ROWS = 2
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """The output projection. For a one- or two-token decode step it is a matrix-vector product over the
+        largest weight of the model (vocab x hidden), and on CPU ``x @ W.T`` runs it at about half the
+        memory bandwidth that ``x @ W_t`` reaches with a contiguous [hidden, vocab] copy (measured here:
+        21 ms vs 11 ms for SmolLM2's 113 MB head). The copy is an inference-only cache, rebuilt if the
+        weight changes."""
+        weight = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
+        if torch.is_grad_enabled() or x.shape[0] * x.shape[1] > self.SMALL_HEAD_ROWS:
+            return self.lm_head(x) if self.lm_head is not None else x @ weight.T
+        try:
+            version = weight._version
+        except RuntimeError:  # inference tensors carry no version counter
+            version = -1
+        key = (weight.data_ptr(), weight.dtype, version)
+        cached = self.__dict__.get("_head_t")
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().t().contiguous())
+            self.__dict__["_head_t"] = cached
+        return x @ cached[1]
 
     def _row_placements(self, batch: int, placement, states) -> list[Placement]:
         if states is not None:

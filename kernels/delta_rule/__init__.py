@@ -1,4 +1,4 @@
-"""Gated DeltaNet and Kimi Delta Attention: chunked (prefill/training), recurrent (decode), naive (reference)."""
+"""GDN and KDA delta rules: chunked (prefill/training), recurrent (decode), naive (reference)."""
 
 from kernels.delta_rule.chunk import chunk_gated_delta_rule, chunk_kda
 from kernels.delta_rule.naive import naive_delta_rule

@@ -38,6 +38,7 @@ def recurrent_delta_rule(
     """Pure-PyTorch recurrence for both rules: ``g`` ``[B, T, H]`` (GDN) or ``[B, T, H, K]`` (KDA)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    out_dtype = v.dtype
     scale = K**-0.5 if scale is None else scale
     per_channel = g.dim() == 4
     layout = None
@@ -56,26 +57,34 @@ def recurrent_delta_rule(
     if initial_state is None:
         S = torch.zeros(N, H, K, V, dtype=f32, device=k.device)
     else:
-        S = initial_state.to(f32, copy=True)  # private copy: the no-grad path updates it in place
+        # Never written in place: the first decay below makes a private (contiguous) copy.
+        S = initial_state.to(f32).contiguous()
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, S))
     outs = []
-    for t in range(L):
-        d_t = decay[:, t]  # [N, H, K]
-        k_t = k[:, t]
-        q_t = q[:, t]
+    # unbind, not x[:, t]: indexing in a loop costs a full-size zero-filled gradient per step in backward.
+    steps = zip(*(x.unbind(1) for x in (q, k, v, decay, beta)), strict=True)
+    for t, (q_t, k_t, v_t, d_t, b_t) in enumerate(steps):
         qk = torch.stack([q_t * d_t, k_t * d_t], dim=2)  # [N, H, 2, K]: reads of the decayed state
         reads = qk @ S  # [N, H, 2, V]
-        u = beta[:, t, :, None] * (v[:, t] - reads[:, :, 1])  # [N, H, V]
-        o_t = reads[:, :, 0] + (q_t * k_t).sum(-1, keepdim=True) * u
-        outs.append(o_t)
-        if grad:
-            S = S * d_t[..., None] + k_t[..., None] * u[:, :, None, :]
+        u = b_t[..., None] * (v_t - reads[:, :, 1])  # [N, H, V]
+        outs.append(reads[:, :, 0] + (q_t * k_t).sum(-1, keepdim=True) * u)
+        # S' = decay * S, then the rank-1 write k u^T; in place (no [N, H, K, V] temporaries) unless autograd
+        # needs the intermediate states.
+        if grad or t == 0:
+            S = S * d_t[..., None]
         else:
-            S.mul_(d_t[..., None]).add_(k_t[..., None] * u[:, :, None, :])
+            S.mul_(d_t[..., None])
+        kk, uu = k_t.reshape(N * H, K, 1), u.reshape(N * H, 1, V)
+        if grad:
+            S = torch.baddbmm(S.view(N * H, K, V), kk, uu).view(N, H, K, V)
+        else:
+            S.view(N * H, K, V).baddbmm_(kk, uu)
     o = torch.stack(outs, dim=1) if L else v.new_zeros(N, 0, H, V, dtype=f32)
     if layout is not None:
         o = layout.unpad(o)
-    return o.to(v.dtype), (S if output_final_state else None)
+    if L == 0 and initial_state is not None:
+        S = S.clone()  # do not hand back the caller's own tensor
+    return o.to(out_dtype), (S if output_final_state else None)
 
 
 def recurrent_gated_delta_rule(
@@ -98,7 +107,9 @@ def recurrent_gated_delta_rule(
     """
     check_inputs(q, k, v, g, beta, per_channel=False)
     if fla.use_fla(q):
-        return fla.call("recurrent_gdn", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+        return fla.call(
+            "recurrent_gdn", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
+        )
     return recurrent_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
@@ -124,7 +135,9 @@ def recurrent_kda(
     """
     check_inputs(q, k, v, g, beta, per_channel=True)
     if fla.use_fla(q):
-        return fla.call("recurrent_kda", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+        return fla.call(
+            "recurrent_kda", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
+        )
     return recurrent_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,

@@ -20,34 +20,53 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, per_c
 
 
 class VarlenLayout:
-    """Maps a packed ``[1, T_total, ...]`` batch (fla's ``cu_seqlens`` convention) to a padded ``[N, L, ...]``.
+    """Maps a packed ``[1, T_total, ...]`` batch (fla's ``cu_seqlens``) to a padded one and back.
 
     Padding positions are filled with zeros. For the delta rule a zero step (k = 0, beta = 0, g = 0) is an
     exact identity on the state (no decay, no write), so padding at the end of a sequence leaves its final
-    state untouched and the padded batch can run through the dense kernels unchanged. ``L`` is rounded up
-    to ``multiple`` so that chunks never straddle two sequences.
+    state untouched and the padded tensors can run through the dense kernels unchanged.
+
+    * ``flat=False``: one row per sequence, ``[N, L, ...]`` with ``L`` the longest length rounded up to
+      ``multiple``; sequences are batched, which suits similar lengths (and decode: N x 1 token).
+    * ``flat=True``: one row ``[1, P, ...]``, each sequence padded to whole chunks of ``multiple`` and laid
+      end to end; no padding to the longest, so very uneven lengths cost only what they hold. The chunk
+      scan must then restart at every sequence: ``segments[i] = (first chunk, number of chunks)``.
     """
 
-    def __init__(self, cu_seqlens: Tensor, total: int, device: torch.device, multiple: int = 1) -> None:
+    def __init__(
+        self, cu_seqlens: Tensor, total: int, device: torch.device, multiple: int = 1, flat: bool = False
+    ) -> None:
         cu = cu_seqlens.to(device=device, dtype=torch.long)
         if cu.dim() != 1 or cu.numel() < 2:
             raise ValueError("cu_seqlens must be a 1-D tensor [N + 1]")
-        if int(cu[-1]) != total or int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {cu.tolist()}")
+        if int(cu[-1]) != total or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={total}, got {cu.tolist()}")
         lens = cu[1:] - cu[:-1]
         self.n = lens.numel()
-        longest = int(lens.max()) if self.n else 0
-        self.length = max(multiple, -(-longest // multiple) * multiple)
-        col = torch.arange(self.length, device=device)
-        self.valid = col[None, :] < lens[:, None]  # [N, L]
-        # Padding slots point at row `total`, a zero row appended by `pad`.
-        self.index = torch.where(self.valid, cu[:-1, None] + col[None, :], total)  # [N, L]
+        self.segments: list[tuple[int, int]] | None = None
+        if not flat:
+            longest = int(lens.max())
+            self.length = max(multiple, -(-longest // multiple) * multiple)
+            col = torch.arange(self.length, device=device)
+            self.valid = col[None, :] < lens[:, None]  # [N, L]
+            # Padding slots point at row `total`, a zero row appended by `pad`.
+            self.index = torch.where(self.valid, cu[:-1, None] + col[None, :], total)  # [N, L]
+            return
+        chunks = (lens + multiple - 1) // multiple
+        first = torch.cumsum(chunks, 0) - chunks
+        self.segments = list(zip(first.tolist(), chunks.tolist(), strict=True))
+        self.length = int(chunks.sum()) * multiple
+        seq = torch.repeat_interleave(torch.arange(self.n, device=device), lens)  # sequence of each token
+        slot = first[seq] * multiple + torch.arange(total, device=device) - cu[seq]  # its padded position
+        tokens = torch.arange(total, device=device)
+        self.index = torch.full((self.length,), total, device=device).scatter(0, slot, tokens)[None]
+        self.valid = torch.zeros(self.length, dtype=torch.bool, device=device).scatter(0, slot, True)[None]
 
     def pad(self, x: Tensor) -> Tensor:
-        """``[1, T, *rest] -> [N, L, *rest]`` with zeros in padding slots (differentiable gather)."""
+        """``[1, T, *rest] -> [rows, L, *rest]`` with zeros in padding slots (differentiable gather)."""
         flat = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])], dim=0)
         return flat[self.index]
 
     def unpad(self, x: Tensor) -> Tensor:
-        """``[N, L, *rest] -> [1, T, *rest]`` keeping only real tokens, in sequence order."""
+        """``[rows, L, *rest] -> [1, T, *rest]`` keeping only real tokens, in sequence order."""
         return x[self.valid].unsqueeze(0)

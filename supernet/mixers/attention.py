@@ -75,6 +75,13 @@ class Attention(Mixer):
             k_pos = torch.arange(k_all.shape[1], device=q.device)
             return attend_grouped(q, k_all, v_all, window_mask(positions, k_pos, None, 0))
         assert isinstance(state, WindowKVCache)
+        if q.shape[1] == 1:
+            # Decode: write the token into its ring slot first, then attend over the ring in place. The slot's
+            # previous occupant (position p - window) is exactly the key that just left the window, so the
+            # visible set is unchanged -- and no [sinks + window] concatenation is copied per layer per step.
+            pos = state.store_one(k, v, int(positions[0]))
+            mask = (state.pos >= 0) & ((pos - state.pos < self.window) | (state.pos < self.sinks))
+            return attend_grouped(q, state.k, state.v, mask[None, :])
         k_all, v_all, k_pos = state.gather(k, v, positions)
         out = attend_grouped(q, k_all, v_all, window_mask(positions, k_pos, self.window, self.sinks))
         state.store(k, v, positions)

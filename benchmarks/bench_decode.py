@@ -1,0 +1,219 @@
+"""Decode speed of every preset vs all-FA, at several context lengths and batch sizes, in one process.
+
+For each (context, batch) the caches are filled SYNTHETICALLY to the context length (random keys/values in FA
+and SWA caches, random fp32 recurrent states for GDN/KDA) instead of by a real prefill: a decode step reads
+the same bytes either way, and a real 32k-token prefill of 8 sequences would take most of an hour on this CPU.
+To fit 32k x batch 8 of all-FA (11 GB of fp32 KV) in RAM, the rows of a batch share one synthetic KV buffer
+per layer; every row still reads all of it each step (1.5 GB per row at 32k, far beyond any CPU cache), so the
+memory traffic is that of distinct caches.
+
+Also printed: the bandwidth floor of each step = bytes the step must read (the weights it touches + every
+row's cache) / measured read bandwidth (torch sum over 1 GiB, same thread count), and step time / floor.
+
+    python benchmarks/bench_decode.py --model /tmp/sn_serve [--contexts 1024,8192,32768] [--batches 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from supernet.cache import DeltaState, KVCache, SequenceState, WindowKVCache
+from supernet.model import SupernetForCausalLM
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """Bytes/s of a streaming read (torch sum), median of repeats."""
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def weight_bytes(model: SupernetForCausalLM, placements: list[tuple[str, ...]]) -> int:
+    """Parameter bytes one decode step reads: the trunk, the shared attention projections of every layer, and
+    the own weights of each mixer some row uses at that layer (embeddings: one row per token, ignored)."""
+    total = 0
+    for i, layer in enumerate(model.layers):
+        used = {p[i] for p in placements}
+        modules = [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp]
+        if layer.attn is not None:
+            modules.append(layer.attn)
+        modules += [layer.mixers[name] for name in used]
+        total += sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    head = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
+    return total + head.numel() * head.element_size() + model.norm.weight.numel() * 4
+
+
+def synthetic_states(
+    model: SupernetForCausalLM,
+    placement: tuple[str, ...],
+    batch: int,
+    context: int,
+    extra: int,
+    gen: torch.Generator,
+) -> list[SequenceState]:
+    """``batch`` states at length ``context``; FA/SWA buffers shared across rows (see module docstring)."""
+    template = model.new_state(placement)
+    shared: list = []
+    for layer in template.layers:
+        if isinstance(layer, KVCache):
+            h, _, d = layer.k.shape
+            k = torch.randn(h, context + extra, d, generator=gen)
+            shared.append((k, torch.randn(h, context + extra, d, generator=gen)))
+        elif isinstance(layer, WindowKVCache):
+            slots = layer.k.shape[1]
+            pos = torch.full((slots,), -1, dtype=torch.long)
+            pos[: layer.sinks] = torch.arange(layer.sinks)
+            for p in range(max(layer.sinks, context - layer.window), context):
+                pos[layer.sinks + (p - layer.sinks) % layer.window] = p
+            shared.append(
+                (torch.randn(layer.k.shape, generator=gen), torch.randn(layer.v.shape, generator=gen), pos)
+            )
+        else:
+            shared.append(None)
+    states = []
+    for _ in range(batch):
+        layers = []
+        for layer, buf in zip(template.layers, shared, strict=True):
+            if isinstance(layer, KVCache):
+                layers.append(KVCache(buf[0], buf[1], context))
+            elif isinstance(layer, WindowKVCache):
+                layers.append(
+                    WindowKVCache(buf[0].clone(), buf[1].clone(), buf[2].clone(), layer.sinks, layer.window)
+                )
+            else:
+                assert isinstance(layer, DeltaState)
+                layers.append(
+                    DeltaState(
+                        torch.randn(layer.conv.shape, generator=gen),
+                        torch.randn(layer.recurrent.shape, generator=gen) * 0.05,
+                    )
+                )
+        states.append(SequenceState(placement, layers, context))
+    return states
+
+
+def cache_read_bytes(states: list[SequenceState]) -> int:
+    return sum(s.nbytes() for s in states)
+
+
+@torch.inference_mode()
+def time_round_robin(
+    model: SupernetForCausalLM, batches: dict[str, list[SequenceState]], steps: int
+) -> dict[str, list[float]]:
+    """Time decode steps of every preset in turn (step 1 of each, then step 2 of each, ...): on a shared,
+    noisy machine the load drifts over minutes, and interleaving exposes every preset to the same drift."""
+    tokens = {
+        name: torch.randint(0, model.config.vocab_size, (len(states), 1)) for name, states in batches.items()
+    }
+    for name, states in batches.items():
+        model(tokens[name], states=states)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in batches}
+    for _ in range(steps):
+        for name, states in batches.items():
+            t0 = time.perf_counter()
+            model(tokens[name], states=states)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="supernet checkpoint (default: the demo)")
+    ap.add_argument(
+        "--presets", help="comma list (default: every preset of the model: presets.yaml or built-in)"
+    )
+    ap.add_argument("--contexts", default="1024,8192,32768")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument(
+        "--steps", type=int, default=7, help="timed decode steps per configuration (median reported)"
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    import supernet
+    from serving.presets import load_presets, table_from_specs
+    from serving.server import load_model
+
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or supernet.DEMO_DIR
+    model, _ = load_model(model_dir)
+    n = model.config.num_hidden_layers
+    table = load_presets(model_dir, n)
+    if args.presets:
+        table = table_from_specs(
+            {p: table.presets[p].spec if p in table.presets else p for p in args.presets.split(",")}, n
+        )
+    names = table.names
+    if "all-fa" not in names:
+        names = ["all-fa"] + names
+    placements = {
+        name: model.placement("all-fa" if name == "all-fa" else table.get(name).spec) for name in names
+    }
+    bandwidth = measure_bandwidth()
+    print(
+        f"# {model_dir}: {n} layers, threads={args.threads}, read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        "caches filled synthetically (see --help)"
+    )
+    print(
+        f"{'preset':<18} {'ctx':>6} {'B':>3} {'step ms':>9} {'tok/s':>8} {'vs FA':>7} {'floor ms':>9} "
+        f"{'x floor':>8}"
+    )
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for context in map(int, args.contexts.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            batches = {
+                name: synthetic_states(model, placements[name], batch, context, args.steps + 2, gen)
+                for name in names
+            }
+            floors = {
+                name: weight_bytes(model, [placements[name]]) + cache_read_bytes(states)
+                for name, states in batches.items()
+            }
+            times = time_round_robin(model, batches, args.steps)
+            del batches
+            fa_ms = statistics.median(times["all-fa"]) * 1e3
+            for name in names:
+                ms = statistics.median(times[name]) * 1e3
+                floor_ms = floors[name] / bandwidth * 1e3
+                row = {
+                    "preset": name,
+                    "context": context,
+                    "batch": batch,
+                    "step_ms": round(ms, 2),
+                    "tokens_per_s": round(batch / ms * 1e3, 1),
+                    "speedup_vs_fa": round(fa_ms / ms, 2),
+                    "floor_ms": round(floor_ms, 2),
+                    "x_floor": round(ms / floor_ms, 2),
+                }
+                results.append(row)
+                print(
+                    f"{name:<18} {context:>6} {batch:>3} {ms:>9.1f} {row['tokens_per_s']:>8.1f} "
+                    f"{row['speedup_vs_fa']:>6.2f}x {floor_ms:>9.1f} {row['x_floor']:>7.2f}x",
+                    flush=True,
+                )
+    print(f"# load average at the end: {os.getloadavg()[0]:.1f} (other jobs share these cores)")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"bandwidth_gbs": bandwidth / 1e9, "threads": args.threads, "results": results}, indent=2
+            )
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""The embedded engine: a scheduler with continuous batching over requests on *different presets*.
+
+Every ``step()``:
+1. admits waiting requests FIFO while their full-length cache fits the memory budget (memory.py) and the
+   batch has room;
+2. runs ONE decode forward for every running sequence, whatever its preset -- the model groups rows by mixer
+   at each layer (supernet.model.DecoderLayer.mix), so presets share the batch with no weight reload, no
+   cache wipe and no switching cost;
+3. runs prompt chunks of admitted requests up to ``prefill_chunk`` tokens (chunked prefill: a long prompt is
+   split over several steps so it never stalls the running sequences for more than one chunk);
+4. samples, detokenizes, checks stop conditions, and frees the cache of every sequence that ended.
+
+It is synchronous and single-threaded on purpose: async_engine.AsyncEngine drives it from one thread and
+bridges to asyncio; tests and benchmarks drive it directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from serving.detokenizer import IncrementalDetokenizer
+from serving.memory import MemoryBudget, state_bytes
+from serving.runner import ModelRunner
+from serving.sampling import SamplingParams, TokenLogprobs, make_generator, sample, top_logprobs
+from serving.types import (
+    EngineError,
+    GenerationRequest,
+    RequestOutput,
+    RequestTooLarge,
+    SequenceDelta,
+    ServerBusy,
+)
+from supernet.cache import SequenceState
+from supernet.model import SupernetForCausalLM
+
+GiB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int = 8192
+    max_num_seqs: int = 32  # sequences decoded together (the batch)
+    prefill_chunk: int = 256  # prompt tokens processed per step (chunked prefill)
+    memory_budget: int = 4 * GiB  # bytes of per-sequence cache (KV + recurrent state) admitted at once
+    max_queue: int = 256  # requests waiting for admission before new ones get 429
+
+
+@dataclass
+class Sequence:
+    """One of a request's ``n`` samples."""
+
+    index: int
+    params: SamplingParams
+    generator: torch.Generator
+    detok: IncrementalDetokenizer
+    state: SequenceState | None = None
+    output_ids: list[int] = field(default_factory=list)
+    pending: int | None = None  # last sampled token, the next decode input
+    finish_reason: str | None = None
+    last_token_time: float = 0.0
+    # not yet sent to the client
+    new_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    group: RequestGroup | None = field(default=None, repr=False)
+
+
+@dataclass
+class RequestGroup:
+    request: GenerationRequest
+    seqs: list[Sequence]
+    reserved: int  # bytes of budget held from admission to the end
+    num_prefilled: int = 0
+    admitted: bool = False
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    sent_prompt_logprobs: bool = False
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: SupernetForCausalLM,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self.model = model
+        self.runner = ModelRunner(model)
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig(max_model_len=model.config.max_position_embeddings)
+        self.metrics = metrics
+        self.budget = MemoryBudget(self.config.memory_budget)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.waiting: deque[RequestGroup] = deque()
+        self.prefilling: deque[RequestGroup] = deque()
+        self.running: list[Sequence] = []
+        self.groups: dict[str, RequestGroup] = {}
+        self._inbox: deque[RequestGroup] = deque()
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()  # guards inbox/aborts: the only state other threads touch
+
+    # ---- admission (called from any thread) -------------------------------------------------------------
+
+    def reserve_bytes(self, request: GenerationRequest) -> int:
+        """Cache bytes the request holds at its full length; raises when it can never run here."""
+        p, n_prompt = request.params, len(request.prompt_ids)
+        p.validate()
+        if n_prompt == 0:
+            raise EngineError("the prompt is empty; send at least one token")
+        total = n_prompt + p.max_tokens
+        if total > self.config.max_model_len:
+            raise RequestTooLarge(
+                f"This model's maximum context length is {self.config.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({n_prompt} in the prompt, {p.max_tokens} for the completion). "
+                f"Please reduce the length of the prompt or max_tokens."
+            )
+        if p.n > self.config.max_num_seqs:
+            raise RequestTooLarge(f"n={p.n} exceeds the server's batch size ({self.config.max_num_seqs})")
+        need = p.n * state_bytes(
+            self.model.config, request.placement, total, self.model.embed_tokens.weight.dtype
+        )
+        if need > self.budget.capacity:
+            raise RequestTooLarge(
+                f"this request needs {need / 2**20:.1f} MiB of cache at its full length ({total} tokens "
+                f"x n={p.n} on preset {request.preset!r}) but the server's cache budget is "
+                f"{self.budget.capacity / 2**20:.1f} MiB; lower max_tokens or n, or use a preset with more "
+                "linear (gdn/kda/swa) layers"
+            )
+        return need
+
+    def add_request(self, request: GenerationRequest) -> None:
+        need = self.reserve_bytes(request)
+        p = request.params
+        if not request.arrival:
+            request.arrival = time.monotonic()
+        seqs = [
+            Sequence(
+                i,
+                p,
+                make_generator(None if p.seed is None else p.seed + i),
+                IncrementalDetokenizer(self.tokenizer, request.prompt_ids, p.stop),
+            )
+            for i in range(p.n)
+        ]
+        group = RequestGroup(request, seqs, need)
+        for seq in seqs:
+            seq.group = group
+        with self._lock:
+            if request.request_id in self.groups or any(
+                g.request.request_id == request.request_id for g in self._inbox
+            ):
+                raise EngineError(f"duplicate request id {request.request_id!r}")
+            if len(self._inbox) + len(self.waiting) >= self.config.max_queue:
+                raise ServerBusy(
+                    f"the server is at capacity ({self.config.max_queue} requests queued); retry later"
+                )
+            self._inbox.append(group)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.groups or self.waiting or self._inbox or self._aborts)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self._inbox)
+
+    # ---- one scheduler iteration (engine thread only) ------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs: dict[str, RequestOutput] = {}
+        self._take_inbox(outputs)
+        self._admit()
+        if self.running:
+            self._decode(outputs)
+        if self.prefilling:
+            self._prefill(outputs)
+        self._reap(outputs)
+        if self.metrics is not None:
+            self.metrics.scheduler(
+                self.num_waiting,
+                len(self.running) + len(self.prefilling),
+                self.budget.used,
+                self.budget.capacity,
+            )
+        return list(outputs.values())
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """After an unexpected error in a forward pass: end every request (their states may be
+        half-updated)."""
+        outs = []
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+        for group in list(self.groups.values()) + list(self.waiting):
+            out = self._output(group, {})
+            for seq in group.seqs:
+                seq.finish_reason = seq.finish_reason or "abort"
+            out.finished, out.error = True, message
+            outs.append(out)
+            self._release(group, status="error")
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.running.clear()
+        self.groups.clear()
+        return outs
+
+    def _take_inbox(self, outputs: dict[str, RequestOutput]) -> None:
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+            aborts, self._aborts = self._aborts, set()
+        if not aborts:
+            return
+        for group in [g for g in self.waiting if g.request.request_id in aborts]:
+            self.waiting.remove(group)
+            self._end_aborted(group, outputs)
+        for rid in aborts:
+            group = self.groups.get(rid)
+            if group is not None:
+                self._end_aborted(group, outputs)
+
+    def _end_aborted(self, group: RequestGroup, outputs: dict[str, RequestOutput]) -> None:
+        out = self._output(group, outputs)
+        for seq in group.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                out.deltas.append(SequenceDelta(seq.index, finish_reason="abort"))
+        if group in self.prefilling:
+            self.prefilling.remove(group)
+        self.running = [s for s in self.running if s.finish_reason is None]
+        out.finished = True
+        self._release(group, status="abort")
+
+    def _admit(self) -> None:
+        active = len(self.running) + sum(len(g.seqs) for g in self.prefilling)
+        while self.waiting:
+            group = self.waiting[0]
+            if active + len(group.seqs) > self.config.max_num_seqs or not self.budget.try_reserve(
+                group.reserved
+            ):
+                break
+            self.waiting.popleft()
+            group.admitted = True
+            req = group.request
+            group.seqs[0].state = self.runner.new_state(
+                req.placement, len(req.prompt_ids) + req.params.max_tokens
+            )
+            if req.params.prompt_logprobs is not None:
+                group.prompt_logprobs = [None]
+            self.groups[req.request_id] = group
+            self.prefilling.append(group)
+            active += len(group.seqs)
+
+    def _prefill(self, outputs: dict[str, RequestOutput]) -> None:
+        budget = self.config.prefill_chunk
+        while self.prefilling and budget > 0:
+            group = self.prefilling[0]
+            prompt = group.request.prompt_ids
+            start = group.num_prefilled
+            chunk = prompt[start : start + budget]
+            want_lp = group.prompt_logprobs is not None
+            logits = self.runner.prefill(group.seqs[0].state, chunk, all_logits=want_lp)
+            group.num_prefilled += len(chunk)
+            budget -= len(chunk)
+            if want_lp:
+                targets = prompt[
+                    start + 1 : start + len(chunk) + 1
+                ]  # the prompt tokens these positions predict
+                if targets:
+                    lps = torch.log_softmax(logits[: len(targets)], dim=-1)
+                    k = group.request.params.prompt_logprobs
+                    group.prompt_logprobs.extend(top_logprobs(lps, torch.tensor(targets), k))
+            if group.num_prefilled < len(prompt):
+                continue
+            self.prefilling.popleft()
+            self._start_decoding(group, logits[-1:], outputs)
+
+    def _start_decoding(
+        self, group: RequestGroup, last_logits: torch.Tensor, outputs: dict[str, RequestOutput]
+    ) -> None:
+        """The prompt is cached: fork it for the other n-1 samples; draw every sample's first token."""
+        seqs = group.seqs
+        for seq in seqs[1:]:
+            seq.state = seqs[0].state.clone()
+        out = self._output(group, outputs)
+        if group.request.params.max_tokens == 0:  # echo-only scoring request
+            for seq in seqs:
+                seq.finish_reason = "length"
+                out.deltas.append(SequenceDelta(seq.index, finish_reason="length"))
+            return
+        tokens, lps = sample(
+            last_logits.expand(len(seqs), -1), [s.params for s in seqs], [s.generator for s in seqs]
+        )
+        for seq, token, lp in zip(seqs, tokens, lps, strict=True):
+            self._append(group, seq, token, lp, outputs)
+            if seq.finish_reason is None:
+                self.running.append(seq)
+
+    def _decode(self, outputs: dict[str, RequestOutput]) -> None:
+        seqs = self.running
+        logits = self.runner.decode([s.state for s in seqs], [s.pending for s in seqs])
+        tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, token, lp in zip(seqs, tokens, lps, strict=True):
+            self._append(seq.group, seq, token, lp, outputs)
+        self.running = [s for s in seqs if s.finish_reason is None]
+
+    def _append(
+        self,
+        group: RequestGroup,
+        seq: Sequence,
+        token: int,
+        lp: TokenLogprobs | None,
+        outputs: dict[str, RequestOutput],
+    ) -> None:
+        p = seq.params
+        now = time.monotonic()
+        if self.metrics is not None:
+            if not seq.output_ids and seq.index == 0:
+                self.metrics.first_token(group.request.preset, now - group.request.arrival)
+            elif seq.output_ids:
+                self.metrics.inter_token(group.request.preset, now - seq.last_token_time)
+        if group.first_token_time is None:
+            group.first_token_time = now
+        seq.last_token_time = now
+        seq.output_ids.append(token)
+        seq.pending = token
+        seq.new_ids.append(token)
+        if lp is not None:
+            seq.new_logprobs.append(lp)
+        stop_token = token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos)
+        hit_stop_string = seq.detok.add(token, skip_text=stop_token)
+        if stop_token or hit_stop_string:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens:
+            seq.finish_reason = "length"
+        out = self._output(group, outputs)
+        out.deltas.append(
+            SequenceDelta(
+                seq.index,
+                seq.new_ids,
+                seq.detok.take(seq.finish_reason is not None),
+                seq.new_logprobs,
+                seq.finish_reason,
+            )
+        )
+        seq.new_ids, seq.new_logprobs = [], []
+
+    def _output(self, group: RequestGroup, outputs: dict[str, RequestOutput]) -> RequestOutput:
+        rid = group.request.request_id
+        out = outputs.get(rid)
+        if out is None:
+            out = outputs[rid] = RequestOutput(rid, [], prompt_tokens=len(group.request.prompt_ids))
+        if (
+            group.prompt_logprobs is not None
+            and not group.sent_prompt_logprobs
+            and group.num_prefilled == len(group.request.prompt_ids)
+        ):
+            out.prompt_logprobs = group.prompt_logprobs
+            group.sent_prompt_logprobs = True
+        out.completion_tokens = sum(len(s.output_ids) for s in group.seqs)
+        return out
+
+    def _reap(self, outputs: dict[str, RequestOutput]) -> None:
+        """Free the cache of every sequence that ended this step; end requests whose sequences all ended."""
+        for seq_group in list(self.groups.values()):
+            if seq_group.num_prefilled < len(seq_group.request.prompt_ids):
+                continue
+            for seq in seq_group.seqs:
+                if seq.finish_reason is not None:
+                    seq.state = None
+            if seq_group.finished:
+                out = self._output(seq_group, outputs)
+                out.finished = True
+                self._release(seq_group, status="ok")
+
+    def _release(self, group: RequestGroup, status: str) -> None:
+        req = group.request
+        for seq in group.seqs:
+            seq.state = None
+        if group.admitted:
+            self.budget.release(group.reserved)
+            group.admitted = False
+        self.groups.pop(req.request_id, None)
+        if self.metrics is not None:
+            reason = status if status != "ok" else (group.seqs[0].finish_reason or "stop")
+            self.metrics.request_finished(
+                req.preset,
+                reason,
+                len(req.prompt_ids),
+                sum(len(s.output_ids) for s in group.seqs),
+                time.monotonic() - req.arrival,
+            )
+
+
+def _eos_ids(model: SupernetForCausalLM, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    eos = model.config.eos_token_id
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(eos)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

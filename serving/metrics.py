@@ -1,0 +1,108 @@
+"""Prometheus metrics, labelled by preset so the speed/quality trade-off shows up per preset in dashboards.
+
+The engine thread calls the hooks below (prometheus_client is thread-safe); /metrics renders this registry.
+Each app gets its own CollectorRegistry, so several servers (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "supernet_requests",
+            "Finished requests by preset and finish reason",
+            ["preset", "finish_reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "supernet_requests_rejected",
+            "Requests refused before admission, by HTTP status",
+            ["status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "supernet_prompt_tokens", "Prompt tokens processed", ["preset"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "supernet_generation_tokens", "Tokens generated", ["preset"], registry=r
+        )
+        self.ttft = Histogram(
+            "supernet_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            ["preset"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "supernet_inter_token_latency_seconds",
+            "Time between consecutive tokens of a sequence",
+            ["preset"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "supernet_e2e_request_latency_seconds",
+            "Arrival to last token",
+            ["preset"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.waiting = Gauge("supernet_requests_waiting", "Requests queued for admission", registry=r)
+        self.running = Gauge(
+            "supernet_requests_running", "Sequences admitted (prefilling or decoding)", registry=r
+        )
+        self.cache_used = Gauge(
+            "supernet_cache_reserved_bytes", "Cache bytes reserved by admitted requests", registry=r
+        )
+        self.cache_budget = Gauge("supernet_cache_budget_bytes", "Cache memory budget", registry=r)
+        self.cache_usage = Gauge("supernet_cache_usage_ratio", "Reserved / budget (0..1)", registry=r)
+
+    # hooks called by serving.engine.LLMEngine
+    def first_token(self, preset: str, seconds: float) -> None:
+        self.ttft.labels(preset).observe(seconds)
+
+    def inter_token(self, preset: str, seconds: float) -> None:
+        self.itl.labels(preset).observe(seconds)
+
+    def request_finished(
+        self, preset: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, seconds: float
+    ) -> None:
+        self.requests.labels(preset, finish_reason).inc()
+        self.prompt_tokens.labels(preset).inc(prompt_tokens)
+        self.generation_tokens.labels(preset).inc(completion_tokens)
+        self.e2e.labels(preset).observe(seconds)
+
+    def scheduler(self, waiting: int, running: int, cache_used: int, cache_budget: int) -> None:
+        self.waiting.set(waiting)
+        self.running.set(running)
+        self.cache_used.set(cache_used)
+        self.cache_budget.set(cache_budget)
+        self.cache_usage.set(cache_used / cache_budget if cache_budget else 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,126 @@
+"""Presets: named placements a client picks by model id (``<model>:<preset>``).
+
+The placement optimiser (placement/) writes ``presets.yaml`` next to the checkpoint; the server reads only
+``default`` and each preset's ``name`` and ``placement`` from it and ignores the other keys (predicted
+quality, speed-up, ...), so the optimiser can add fields freely::
+
+    default: all-fa
+    presets:
+      - name: all-fa
+        placement: "fa*30"        # any spec supernet.placement.parse_placement accepts
+
+Without that file the server uses BUILTIN_PRESETS: one preset per mixer plus interleaved hybrids in the style
+of Qwen3-Next (one FA layer in every four) -- names that mean the same thing on every depth of model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from supernet.placement import Placement, PlacementError, format_placement, parse_placement
+
+PRESETS_FILE = "presets.yaml"
+
+# name -> placement spec; the first entry is the default.
+BUILTIN_PRESETS: dict[str, str] = {
+    "all-fa": "all-fa",
+    "all-swa": "all-swa",
+    "all-gdn": "all-gdn",
+    "all-kda": "all-kda",
+    "fa-every-4:gdn": "fa-every-4:gdn",
+    "fa-every-4:kda": "fa-every-4:kda",
+    "swa-every-2:gdn": "swa-every-2:gdn",
+}
+
+
+class PresetError(ValueError):
+    """A presets file or preset name that cannot be used; the message names the bad value."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    placement: Placement
+
+    @property
+    def spec(self) -> str:
+        return format_placement(self.placement)
+
+
+@dataclass(frozen=True)
+class PresetTable:
+    """Every preset the server offers, in a stable order, and which one the bare model id means."""
+
+    presets: Mapping[str, Preset]
+    default: str
+    source: str  # "builtin" or the presets.yaml path: shown in /v1/models and the start-up log
+
+    def __post_init__(self) -> None:
+        if self.default not in self.presets:
+            raise PresetError(f"default preset {self.default!r} is not among {list(self.presets)}")
+
+    def get(self, name: str) -> Preset:
+        try:
+            return self.presets[name]
+        except KeyError:
+            raise PresetError(f"unknown preset {name!r}; available: {', '.join(self.presets)}") from None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.presets)
+
+
+def table_from_specs(
+    specs: Mapping[str, str] | Sequence[tuple[str, str]],
+    num_layers: int,
+    default: str | None = None,
+    source: str = "builtin",
+) -> PresetTable:
+    items = list(specs.items()) if isinstance(specs, Mapping) else list(specs)
+    if not items:
+        raise PresetError(f"{source}: no presets")
+    presets: dict[str, Preset] = {}
+    for name, spec in items:
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise PresetError(f"{source}: preset name {name!r} must be a non-empty string without spaces")
+        if name in presets:
+            raise PresetError(f"{source}: preset {name!r} is defined twice")
+        try:
+            presets[name] = Preset(name, parse_placement(spec, num_layers))
+        except PlacementError as err:
+            raise PresetError(f"{source}: preset {name!r}: {err}") from err
+    return PresetTable(presets, default or items[0][0], source)
+
+
+def builtin_presets(num_layers: int) -> PresetTable:
+    return table_from_specs(BUILTIN_PRESETS, num_layers)
+
+
+def load_presets_file(path: str | Path, num_layers: int) -> PresetTable:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PresetError(f"{path}: invalid YAML ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("presets"), list):
+        raise PresetError(f"{path}: expected a mapping with a 'presets' list")
+    items = []
+    for i, entry in enumerate(data["presets"]):
+        if not isinstance(entry, dict) or "name" not in entry or "placement" not in entry:
+            raise PresetError(f"{path}: presets[{i}] needs 'name' and 'placement'")
+        placement = entry["placement"]
+        if isinstance(placement, list):  # a YAML list of mixer names is accepted too
+            placement = ",".join(map(str, placement))
+        items.append((str(entry["name"]), str(placement)))
+    return table_from_specs(items, num_layers, default=data.get("default"), source=str(path))
+
+
+def load_presets(model_dir: str | Path | None, num_layers: int) -> PresetTable:
+    """``<model_dir>/presets.yaml`` when it exists, else the built-in set."""
+    if model_dir is not None and (Path(model_dir) / PRESETS_FILE).is_file():
+        return load_presets_file(Path(model_dir) / PRESETS_FILE, num_layers)
+    return builtin_presets(num_layers)

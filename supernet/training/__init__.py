@@ -1,0 +1,1 @@
+"""Distillation training: teacher cache, blockwise warm start, stochastic placements, evaluation."""

@@ -1,0 +1,124 @@
+"""``supernet train`` and ``supernet eval`` (registered by supernet/cli.py; heavy imports stay inside the
+bodies)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+def train_command(
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="training config (.yaml/.yml or .toml); fields: supernet/training/"
+            "config.py, example: supernet/demo/train.yaml"
+        ),
+    ],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the run's newest complete checkpoint")
+    ] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a field, e.g. --set optim.steps=10")
+    ] = None,
+) -> None:
+    """Distil a supernet from its frozen teacher (blockwise warm start, then stochastic placements).
+
+    Runs on one process as is; under `torchrun --nproc_per_node N supernet train CONFIG` it trains
+    data-parallel."""
+    from supernet.checkpoint import CheckpointError
+    from supernet.training.config import load_train_config
+    from supernet.training.data import DataError
+    from supernet.training.trainer import train
+
+    try:
+        cfg = load_train_config(config, set_)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    try:
+        result = train(cfg, resume=resume)
+    except (FileNotFoundError, FileExistsError, DataError, CheckpointError, ValueError) as err:
+        _fail(str(err))
+    if result["eval"]:
+        from supernet.training.evaluate import format_table
+
+        typer.echo(format_table(result["eval"]))
+    typer.echo(f"trained supernet: {result['final']}")
+
+
+def eval_command(
+    model: Annotated[Path, typer.Option(help="supernet checkpoint directory")],
+    data: Annotated[
+        str, typer.Option(help="held-out text: a .txt/.jsonl/.parquet file, a folder, or 'demo'")
+    ],
+    placement: Annotated[
+        list[str], typer.Option(help="placement(s) to score; repeat the option for several")
+    ],
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="teacher spec; default: the checkpoint's base_model, else its own all-FA placement"
+        ),
+    ] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per evaluation sequence")] = 1024,
+    max_tokens: Annotated[int, typer.Option(help="evaluate on at most this many tokens")] = 32768,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward")] = 4,
+    text_field: Annotated[str, typer.Option(help="JSONL/parquet text field")] = "text",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the results as JSON here")
+    ] = None,
+) -> None:
+    """Held-out perplexity and KL to the teacher per placement (the teacher pass is shared by all of them)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from supernet.checkpoint import CheckpointError, load_supernet
+    from supernet.placement import PlacementError
+    from supernet.training.data import DataError, tokenize_file
+    from supernet.training.evaluate import evaluate_placements, format_table, hf_teacher_fn
+
+    if seq_len < 2 or max_tokens < seq_len or batch_size < 1:
+        _fail(f"--seq-len {seq_len} must be >= 2, --max-tokens {max_tokens} >= it, "
+              f"--batch-size {batch_size} >= 1")
+    try:
+        net = load_supernet(model)
+        for p in placement:
+            net.placement(p)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        ids = torch.from_numpy(tokenize_file(data, tokenizer, seq_len, max_tokens, text_field)).long()
+    except (CheckpointError, FileNotFoundError, PlacementError, DataError, ValueError) as err:
+        _fail(str(err))
+    spec = teacher or net.config.base_model
+    teacher_fn, label = None, "the model's own all-FA placement"
+    if spec:
+        from supernet.teacher import load_teacher
+
+        try:
+            hf, _ = load_teacher(spec)
+        except (OSError, ValueError) as err:
+            _fail(f"cannot load teacher {spec!r}: {err}")
+        teacher_fn, label = hf_teacher_fn(hf), spec
+    results = evaluate_placements(
+        net, ids, placement, teacher=teacher_fn, batch_size=batch_size, include_teacher=True
+    )
+    typer.echo(f"{ids.numel()} tokens ({len(ids)} x {seq_len}) from {data}; teacher: {label}")
+    typer.echo(format_table(results, net))
+    if json_out is not None:
+        json_out.write_text(
+            json.dumps(
+                {"tokens": ids.numel(), "seq_len": seq_len, "teacher": label, "results": results}, indent=2
+            )
+        )

