@@ -25,18 +25,21 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-              capacity: int = 64) -> KVCache:
+    def empty(
+        cls, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, capacity: int = 64
+    ) -> KVCache:
         shape = (num_kv_heads, capacity, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        return cls(
+            torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        )
 
     def append(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Add [Hkv, T, D] keys/values; return views of everything cached so far (no copy)."""
         end = self.length + k_new.shape[1]
         if end > self.k.shape[1]:
             self.reserve(max(end, 2 * self.k.shape[1]))
-        self.k[:, self.length:end] = k_new
-        self.v[:, self.length:end] = v_new
+        self.k[:, self.length : end] = k_new
+        self.v[:, self.length : end] = v_new
         self.length = end
         return self.k[:, :end], self.v[:, :end]
 
@@ -65,16 +68,31 @@ class WindowKVCache:
     window: int
 
     @classmethod
-    def empty(cls, num_kv_heads: int, head_dim: int, sinks: int, window: int, dtype: torch.dtype,
-              device: torch.device) -> WindowKVCache:
+    def empty(
+        cls,
+        num_kv_heads: int,
+        head_dim: int,
+        sinks: int,
+        window: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> WindowKVCache:
         shape = (num_kv_heads, sinks + window, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   torch.full((sinks + window,), -1, dtype=torch.long, device=device), sinks, window)
+        return cls(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.full((sinks + window,), -1, dtype=torch.long, device=device),
+            sinks,
+            window,
+        )
 
     def gather(self, k_new: Tensor, v_new: Tensor, pos_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Cached entries followed by the new ones (what the new queries may attend to, before masking)."""
-        return (torch.cat((self.k, k_new), dim=1), torch.cat((self.v, v_new), dim=1),
-                torch.cat((self.pos, pos_new)))
+        return (
+            torch.cat((self.k, k_new), dim=1),
+            torch.cat((self.v, v_new), dim=1),
+            torch.cat((self.pos, pos_new)),
+        )
 
     def store(self, k_new: Tensor, v_new: Tensor, pos_new: Tensor) -> None:
         """Keep what future queries can still see: sink positions, and the newest ``window`` positions."""
@@ -123,8 +141,15 @@ class SequenceState:
     def clone(self) -> SequenceState:
         """An independent copy (tensors copied): forks n samples off one prefill, or snapshots a state before
         speculative tokens so rejected ones can be rolled back."""
-        layers = [dataclasses.replace(layer, **{f.name: getattr(layer, f.name).clone()
-                                                for f in dataclasses.fields(layer)
-                                                if isinstance(getattr(layer, f.name), Tensor)})
-                  for layer in self.layers]
+        layers = [
+            dataclasses.replace(
+                layer,
+                **{
+                    f.name: getattr(layer, f.name).clone()
+                    for f in dataclasses.fields(layer)
+                    if isinstance(getattr(layer, f.name), Tensor)
+                },
+            )
+            for layer in self.layers
+        ]
         return SequenceState(self.placement, layers, self.length)

@@ -43,9 +43,16 @@ def save_supernet(model: SupernetForCausalLM, directory: str | Path, *, delta: b
         delta = model.config.base_model is not None
     if delta and model.config.base_model is None:
         raise ValueError("a delta checkpoint needs config.base_model (the teacher the trunk comes from)")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not delta or ".mixers." in k}
-    metadata = {"format": "pt", "kind": "delta" if delta else "full",
-                "crc32": json.dumps({k: _crc(v) for k, v in state.items()}, sort_keys=True)}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not delta or ".mixers." in k
+    }
+    metadata = {
+        "format": "pt",
+        "kind": "delta" if delta else "full",
+        "crc32": json.dumps({k: _crc(v) for k, v in state.items()}, sort_keys=True),
+    }
     tmp = directory / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
     with open(tmp, "rb") as fh:
@@ -69,7 +76,9 @@ def read_tensors(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                 except (SafetensorError, RuntimeError, ValueError) as err:
                     raise CheckpointError(f"{path}: tensor {key!r} is unreadable ({err})") from err
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file, probably truncated or corrupt ({err})") from err
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file, probably truncated or corrupt ({err})"
+        ) from err
     crcs = json.loads(metadata.get("crc32", "{}"))
     for key, tensor in tensors.items():
         if key in crcs and _crc(tensor) != crcs[key]:
@@ -77,8 +86,9 @@ def read_tensors(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, metadata
 
 
-def load_supernet(directory: str | Path, *, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> SupernetForCausalLM:
+def load_supernet(
+    directory: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> SupernetForCausalLM:
     """Rebuild a supernet from a checkpoint directory; every mismatch is reported by tensor name."""
     config = SupernetConfig.load(directory)
     tensors, metadata = read_tensors(directory)
@@ -100,12 +110,16 @@ def load_supernet(directory: str | Path, *, dtype: torch.dtype = torch.float32,
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing:
-        raise CheckpointError(f"{directory}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise CheckpointError(
+            f"{directory}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected tensor(s) {unexpected[:5]} for this config")
     for key, tensor in tensors.items():
         if tensor.shape != own[key].shape:
-            raise CheckpointError(f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"config expects {tuple(own[key].shape)}")
+            raise CheckpointError(
+                f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                f"config expects {tuple(own[key].shape)}"
+            )
     model.load_state_dict(tensors, strict=False)
     return model.to(device=device, dtype=dtype).eval()

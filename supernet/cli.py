@@ -7,8 +7,11 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Hybrid FA/SWA/GDN/KDA supernet: build, train, place, serve.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Hybrid FA/SWA/GDN/KDA supernet: build, train, place, serve.",
+)
 
 
 def fail(message: str) -> None:
@@ -19,13 +22,18 @@ def fail(message: str) -> None:
 @app.command()
 def build(
     out: Annotated[Path, typer.Option(help="output checkpoint directory")],
-    teacher: Annotated[str, typer.Option(help="'smollm2', a .gguf file, a HF directory or a hub id")] = "smollm2",
-    mixer_weights: Annotated[str, typer.Option(help="'lora' (shared teacher projections + adapters) or 'full'")] = "lora",
+    teacher: Annotated[
+        str, typer.Option(help="'smollm2', a .gguf file, a HF directory or a hub id")
+    ] = "smollm2",
+    mixer_weights: Annotated[
+        str, typer.Option(help="'lora' (shared teacher projections + adapters) or 'full'")
+    ] = "lora",
     lora_rank: Annotated[int, typer.Option(help="adapter rank in lora mode")] = 16,
     window: Annotated[int, typer.Option(help="SWA window (tokens, query included)")] = 512,
     sinks: Annotated[int, typer.Option(help="SWA attention-sink positions kept visible (0 = plain SWA)")] = 4,
-    full_checkpoint: Annotated[bool, typer.Option("--full-checkpoint", help="store the trunk too (self-contained)")]
-    = False,
+    full_checkpoint: Annotated[
+        bool, typer.Option("--full-checkpoint", help="store the trunk too (self-contained)")
+    ] = False,
 ) -> None:
     """Convert a Llama/Mistral/Qwen2-family teacher into a supernet at transfer init."""
     from supernet.checkpoint import save_supernet
@@ -40,20 +48,30 @@ def build(
         hf_teacher, tokenizer = load_teacher(teacher)
     except (OSError, ValueError) as err:
         fail(f"cannot load teacher {teacher!r}: {err}")
-    model = build_from_teacher(hf_teacher, base_model=None if full_checkpoint else teacher,
-                               mixer_weights=mixer_weights, lora_rank=lora_rank, window=window, sinks=sinks)
+    model = build_from_teacher(
+        hf_teacher,
+        base_model=None if full_checkpoint else teacher,
+        mixer_weights=mixer_weights,
+        lora_rank=lora_rank,
+        window=window,
+        sinks=sinks,
+    )
     save_supernet(model, out)
     tokenizer.save_pretrained(out)
     n_own = sum(p.numel() for p in model.trainable_mixer_parameters().values())
-    typer.echo(f"wrote {out} ({n_own / 1e6:.1f}M supernet-own parameters, "
-               f"{'full' if full_checkpoint else 'delta on ' + teacher} checkpoint)")
+    typer.echo(
+        f"wrote {out} ({n_own / 1e6:.1f}M supernet-own parameters, "
+        f"{'full' if full_checkpoint else 'delta on ' + teacher} checkpoint)"
+    )
 
 
 @app.command()
 def generate(
     model: Annotated[Path, typer.Option(help="supernet checkpoint directory")],
     prompt: Annotated[str, typer.Option(help="prompt text (sent as-is, no chat template)")],
-    placement: Annotated[str, typer.Option(help="e.g. all-fa, all-gdn, fa-every-4:gdn, or a comma list")] = "all-fa",
+    placement: Annotated[
+        str, typer.Option(help="e.g. all-fa, all-gdn, fa-every-4:gdn, or a comma list")
+    ] = "all-fa",
     max_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep going past the EOS token")] = False,
 ) -> None:
@@ -61,14 +79,16 @@ def generate(
     from transformers import AutoTokenizer
 
     from supernet.checkpoint import CheckpointError, load_supernet
-    from supernet.generate import greedy_generate
     from supernet.config import SupernetConfig
+    from supernet.generate import greedy_generate
     from supernet.placement import PlacementError, parse_placement
 
     if max_tokens < 1:
         fail(f"--max-tokens {max_tokens}: must be >= 1")
     try:
-        spec = parse_placement(placement, SupernetConfig.load(model).num_hidden_layers)  # fail fast, before loading
+        spec = parse_placement(
+            placement, SupernetConfig.load(model).num_hidden_layers
+        )  # fail fast, before loading
         net = load_supernet(model)
     except (CheckpointError, FileNotFoundError, PlacementError, ValueError) as err:
         fail(str(err))

@@ -61,7 +61,9 @@ class SupernetConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
-    rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    rope_parameters: dict[str, Any] = field(
+        default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0}
+    )
     mixer_weights: str = "lora"
     lora_rank: int = 16
     bos_token_id: int | None = None
@@ -73,16 +75,25 @@ class SupernetConfig:
     model_type: str = MODEL_TYPE
 
     def __post_init__(self) -> None:
-        for name, cls in (("fa", AttentionConfig), ("swa", AttentionConfig), ("gdn", DeltaConfig), ("kda", DeltaConfig)):
+        for name, cls in (
+            ("fa", AttentionConfig),
+            ("swa", AttentionConfig),
+            ("gdn", DeltaConfig),
+            ("kda", DeltaConfig),
+        ):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, f"config.{name}"))
         if self.mixer_weights not in MIXER_WEIGHT_MODES:
-            raise ValueError(f"config.mixer_weights={self.mixer_weights!r}; expected one of {MIXER_WEIGHT_MODES}")
+            raise ValueError(
+                f"config.mixer_weights={self.mixer_weights!r}; expected one of {MIXER_WEIGHT_MODES}"
+            )
         if self.swa.window is None or self.swa.window < 1:
             raise ValueError(f"config.swa.window must be a positive int, got {self.swa.window!r}")
         if self.hidden_act != "silu":
-            raise ValueError(f"config.hidden_act={self.hidden_act!r}: only 'silu' (Llama/Mistral/Qwen2 MLP) is supported")
+            raise ValueError(
+                f"config.hidden_act={self.hidden_act!r}: only 'silu' (Llama/Mistral/Qwen2 MLP) is supported"
+            )
 
     @property
     def num_layers(self) -> int:
@@ -123,8 +134,11 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}")
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     missing = sorted(required - set(data))
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}")

@@ -21,32 +21,56 @@ DEFAULT_WINDOW = 512
 DEFAULT_SINKS = 4
 
 
-def config_from_teacher(teacher_config: Any, *, mixer_weights: str = "lora", lora_rank: int = 16,
-                        window: int = DEFAULT_WINDOW, sinks: int = DEFAULT_SINKS, gate_rank: int | None = None,
-                        base_model: str | None = None) -> SupernetConfig:
+def config_from_teacher(
+    teacher_config: Any,
+    *,
+    mixer_weights: str = "lora",
+    lora_rank: int = 16,
+    window: int = DEFAULT_WINDOW,
+    sinks: int = DEFAULT_SINKS,
+    gate_rank: int | None = None,
+    base_model: str | None = None,
+) -> SupernetConfig:
     """Map a transformers Llama/Mistral/Qwen2 config onto ours."""
     tc = teacher_config
     heads, kv_heads = tc.num_attention_heads, tc.num_key_value_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     bias = bool(getattr(tc, "attention_bias", False)) or tc.model_type == "qwen2"
-    if getattr(tc, "use_sliding_window", False) or (tc.model_type == "mistral" and getattr(tc, "sliding_window", None)):
+    if getattr(tc, "use_sliding_window", False) or (
+        tc.model_type == "mistral" and getattr(tc, "sliding_window", None)
+    ):
         # FA must be the teacher's attention exactly; a windowed teacher is outside that contract.
         if getattr(tc, "sliding_window", None) and tc.sliding_window < tc.max_position_embeddings:
-            raise ValueError(f"teacher uses sliding_window={tc.sliding_window}; only full-attention teachers convert")
-    rope = dict(getattr(tc, "rope_parameters", None) or {"rope_type": "default",
-                                                           "rope_theta": getattr(tc, "rope_theta", 10000.0)})
+            raise ValueError(
+                f"teacher uses sliding_window={tc.sliding_window}; only full-attention teachers convert"
+            )
+    rope = dict(
+        getattr(tc, "rope_parameters", None)
+        or {"rope_type": "default", "rope_theta": getattr(tc, "rope_theta", 10000.0)}
+    )
     delta = {"num_heads": heads, "head_dim": head_dim, "gate_rank": gate_rank or head_dim}
     return SupernetConfig(
-        vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+        vocab_size=tc.vocab_size,
+        hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size,
         num_hidden_layers=tc.num_hidden_layers,
         fa=AttentionConfig(heads, kv_heads, head_dim, bias),
         swa=AttentionConfig(heads, kv_heads, head_dim, bias, window=window, sinks=sinks),
-        gdn=DeltaConfig(**delta), kda=DeltaConfig(**delta),
-        rms_norm_eps=tc.rms_norm_eps, hidden_act=tc.hidden_act, mlp_bias=bool(getattr(tc, "mlp_bias", False)),
-        tie_word_embeddings=bool(tc.tie_word_embeddings), max_position_embeddings=tc.max_position_embeddings,
-        rope_parameters=rope, mixer_weights=mixer_weights, lora_rank=lora_rank,
-        bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=getattr(tc, "pad_token_id", None),
-        base_model=base_model, teacher_model_type=tc.model_type,
+        gdn=DeltaConfig(**delta),
+        kda=DeltaConfig(**delta),
+        rms_norm_eps=tc.rms_norm_eps,
+        hidden_act=tc.hidden_act,
+        mlp_bias=bool(getattr(tc, "mlp_bias", False)),
+        tie_word_embeddings=bool(tc.tie_word_embeddings),
+        max_position_embeddings=tc.max_position_embeddings,
+        rope_parameters=rope,
+        mixer_weights=mixer_weights,
+        lora_rank=lora_rank,
+        bos_token_id=tc.bos_token_id,
+        eos_token_id=tc.eos_token_id,
+        pad_token_id=getattr(tc, "pad_token_id", None),
+        base_model=base_model,
+        teacher_model_type=tc.model_type,
     )
 
 
@@ -83,7 +107,9 @@ def load_trunk_from_teacher(model: SupernetForCausalLM, teacher: nn.Module) -> N
                 _copy_projections(mixer.proj.own, tl.self_attn, cfg.fa.head_dim, repeat)
 
 
-def build_from_teacher(teacher: nn.Module, base_model: str | None = None, **options: Any) -> SupernetForCausalLM:
+def build_from_teacher(
+    teacher: nn.Module, base_model: str | None = None, **options: Any
+) -> SupernetForCausalLM:
     """A supernet at transfer init from a loaded transformers teacher; ``options`` go to config_from_teacher."""
     config = config_from_teacher(teacher.config, base_model=base_model, **options)
     model = SupernetForCausalLM(config)

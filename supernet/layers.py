@@ -51,9 +51,16 @@ class RotaryEmbedding(nn.Module):
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
             if rope_type not in ROPE_INIT_FUNCTIONS:
-                raise ValueError(f"rope_type {rope_type!r} is not supported; known: {sorted(ROPE_INIT_FUNCTIONS)}")
-            cfg = LlamaConfig(head_dim=head_dim, hidden_size=head_dim, num_attention_heads=1,
-                              max_position_embeddings=max_positions, rope_parameters=dict(rope_parameters))
+                raise ValueError(
+                    f"rope_type {rope_type!r} is not supported; known: {sorted(ROPE_INIT_FUNCTIONS)}"
+                )
+            cfg = LlamaConfig(
+                head_dim=head_dim,
+                hidden_size=head_dim,
+                num_attention_heads=1,
+                max_position_embeddings=max_positions,
+                rope_parameters=dict(rope_parameters),
+            )
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
         self.attention_scaling = float(scaling)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)

@@ -35,11 +35,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
         # lora mode: the teacher's attention projections, held once and shared by every mixer of the layer.
-        self.attn = (AttentionProjections(config.hidden_size, fa.num_heads, fa.num_kv_heads, fa.head_dim, fa.bias)
-                     if config.mixer_weights == "lora" else None)
+        self.attn = (
+            AttentionProjections(config.hidden_size, fa.num_heads, fa.num_kv_heads, fa.head_dim, fa.bias)
+            if config.mixer_weights == "lora"
+            else None
+        )
         self.mixers = nn.ModuleDict({name: build_mixer(name, config) for name in MIXER_NAMES})
 
-    def mix(self, h: Tensor, names: Sequence[str], ctx: MixerContext, states: list[LayerState] | None) -> Tensor:
+    def mix(
+        self, h: Tensor, names: Sequence[str], ctx: MixerContext, states: list[LayerState] | None
+    ) -> Tensor:
         """Run each row's mixer on the normed input h; rows sharing a mixer run together."""
         if len(set(names)) == 1:
             return self.mixers[names[0]](h, self.attn, ctx, states)
@@ -51,8 +56,14 @@ class DecoderLayer(nn.Module):
             out[index] = self.mixers[name](h[index], self.attn, ctx.rows(index), sub_states)
         return out
 
-    def forward(self, x: Tensor, names: Sequence[str], ctx: MixerContext, states: list[LayerState] | None,
-                mixer_io: list | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        names: Sequence[str],
+        ctx: MixerContext,
+        states: list[LayerState] | None,
+        mixer_io: list | None = None,
+    ) -> Tensor:
         h = self.input_layernorm(x)
         mixed = self.mix(h, names, ctx, states)
         if mixer_io is not None:
@@ -68,9 +79,14 @@ class SupernetForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                         bias=False)
-        self.rotary = RotaryEmbedding(config.fa.head_dim, config.rope_parameters, config.max_position_embeddings)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.rotary = RotaryEmbedding(
+            config.fa.head_dim, config.rope_parameters, config.max_position_embeddings
+        )
 
     def placement(self, spec: str | Sequence[str]) -> Placement:
         return parse_placement(spec, self.config.num_hidden_layers)
@@ -80,12 +96,23 @@ class SupernetForCausalLM(nn.Module):
         GDN/KDA fixed)."""
         placement = self.placement(placement)
         dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
-        return SequenceState(placement, [layer.mixers[name].new_state(dtype, device)
-                                         for layer, name in zip(self.layers, placement, strict=True)])
+        return SequenceState(
+            placement,
+            [
+                layer.mixers[name].new_state(dtype, device)
+                for layer, name in zip(self.layers, placement, strict=True)
+            ],
+        )
 
-    def forward(self, input_ids: Tensor, placement: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
-                states: Sequence[SequenceState] | None = None, *, num_logits_to_keep: int = 0,
-                return_mixer_io: bool = False) -> SupernetOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        placement: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        states: Sequence[SequenceState] | None = None,
+        *,
+        num_logits_to_keep: int = 0,
+        return_mixer_io: bool = False,
+    ) -> SupernetOutput:
         """input_ids [B, T]. Without ``states`` every row is a whole sequence from position 0 (training,
         scoring). With ``states`` (one per row) the tokens continue those sequences, whose own placements apply
         and whose caches are updated in place."""
@@ -143,7 +170,9 @@ class SupernetForCausalLM(nn.Module):
             return [s.placement for s in states]
         if placement is None:
             raise ValueError("a placement is required without states")
-        if isinstance(placement, str) or all(isinstance(p, str) and p.strip().lower() in ALIASES for p in placement):
+        if isinstance(placement, str) or all(
+            isinstance(p, str) and p.strip().lower() in ALIASES for p in placement
+        ):
             return [self.placement(placement)] * batch  # one placement (a spec, or one mixer name per layer)
         if len(placement) != batch:
             raise ValueError(f"{len(placement)} placements for a batch of {batch}")

@@ -1,6 +1,6 @@
 """Placements: one mixer name per layer, written out or as a shorthand.
 
-Accepted spellings (case-insensitive, aliases ``attention``/``full`` = ``fa``, ``sliding_window``/``sliding`` = ``swa``):
+Accepted spellings (case-insensitive; aliases ``attention``/``full`` = ``fa``, ``sliding_window`` = ``swa``):
 
 * ``all-gdn``                 every layer uses one mixer;
 * ``fa-every-4:gdn``          FA on every 4th layer (layers 3, 7, 11, ... i.e. the last of each group of four, as in
@@ -19,10 +19,17 @@ from supernet.config import MIXER_NAMES
 Placement = tuple[str, ...]
 
 ALIASES = {
-    "fa": "fa", "attention": "fa", "full": "fa", "full_attention": "fa",
-    "swa": "swa", "sliding_window": "swa", "sliding": "swa",
-    "gdn": "gdn", "gated_deltanet": "gdn",
-    "kda": "kda", "kimi": "kda",
+    "fa": "fa",
+    "attention": "fa",
+    "full": "fa",
+    "full_attention": "fa",
+    "swa": "swa",
+    "sliding_window": "swa",
+    "sliding": "swa",
+    "gdn": "gdn",
+    "gated_deltanet": "gdn",
+    "kda": "kda",
+    "kimi": "kda",
 }
 
 
@@ -33,8 +40,10 @@ class PlacementError(ValueError):
 def canonical_mixer(name: str) -> str:
     key = name.strip().lower()
     if key not in ALIASES:
-        raise PlacementError(f"unknown mixer {name!r}; valid mixers: {', '.join(MIXER_NAMES)} "
-                             f"(aliases: {', '.join(k for k in ALIASES if k not in MIXER_NAMES)})")
+        raise PlacementError(
+            f"unknown mixer {name!r}; valid mixers: {', '.join(MIXER_NAMES)} "
+            f"(aliases: {', '.join(k for k in ALIASES if k not in MIXER_NAMES)})"
+        )
     return ALIASES[key]
 
 
@@ -45,15 +54,18 @@ def parse_placement(spec: str | Sequence[str], num_layers: int) -> Placement:
     else:
         names = [canonical_mixer(n) for n in spec]
     if len(names) != num_layers:
-        raise PlacementError(f"placement has {len(names)} layer(s) but the model has {num_layers}; "
-                             f"use one mixer per layer or a shorthand like 'all-fa' or 'fa-every-4:gdn'")
+        raise PlacementError(
+            f"placement has {len(names)} layer(s) but the model has {num_layers}; "
+            f"use one mixer per layer or a shorthand like 'all-fa' or 'fa-every-4:gdn'"
+        )
     return tuple(names)
 
 
 def _expand(spec: str, num_layers: int) -> list[str]:
     if not spec:
-        raise PlacementError("empty placement; try 'all-fa', 'fa-every-4:gdn' or a comma list of "
-                             f"{', '.join(MIXER_NAMES)}")
+        raise PlacementError(
+            f"empty placement; try 'all-fa', 'fa-every-4:gdn' or a comma list of {', '.join(MIXER_NAMES)}"
+        )
     lowered = spec.lower()
     if lowered.startswith("all-"):
         return [canonical_mixer(lowered[4:])] * num_layers

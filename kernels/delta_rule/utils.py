@@ -6,7 +6,16 @@ import torch
 from torch import Tensor
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, per_channel: bool) -> None:
+def check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    per_channel: bool,
+    initial_state: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> None:
     """Fail early with a readable message instead of a broadcasting error deep inside the kernel."""
     if q.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -17,6 +26,12 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, per_c
     want = k.shape if per_channel else k.shape[:3]
     if g.shape != want:
         raise ValueError(f"g must be {list(want)} (log-decay), got {tuple(g.shape)}")
+    if initial_state is not None:
+        B, _, H, K = k.shape
+        n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        if tuple(initial_state.shape) != (n, H, K, v.shape[-1]):
+            raise ValueError(f"initial_state must be [N={n}, H={H}, K={K}, V={v.shape[-1]}], "
+                             f"got {tuple(initial_state.shape)}")
 
 
 class VarlenLayout:

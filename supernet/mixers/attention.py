@@ -39,16 +39,26 @@ def attend_grouped(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tens
 class Attention(Mixer):
     """FA when ``acfg.window`` is None, SWA otherwise. Both rotate q/k exactly like the Llama-family teacher."""
 
-    def __init__(self, name: str, config: SupernetConfig, acfg: AttentionConfig, *, own: bool, lora_rank: int) -> None:
+    def __init__(
+        self, name: str, config: SupernetConfig, acfg: AttentionConfig, *, own: bool, lora_rank: int
+    ) -> None:
         super().__init__()
         self.name = name
         self.num_heads, self.num_kv_heads, self.head_dim = acfg.num_heads, acfg.num_kv_heads, acfg.head_dim
         self.window, self.sinks = acfg.window, acfg.sinks
-        self.proj = MixerProjections(config.hidden_size, acfg.num_heads, acfg.num_kv_heads, acfg.head_dim, acfg.bias,
-                                     own=own, lora_rank=lora_rank)
+        self.proj = MixerProjections(
+            config.hidden_size,
+            acfg.num_heads,
+            acfg.num_kv_heads,
+            acfg.head_dim,
+            acfg.bias,
+            own=own,
+            lora_rank=lora_rank,
+        )
 
-    def forward(self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext,
-                states: list[LayerState] | None) -> Tensor:
+    def forward(
+        self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext, states: list[LayerState] | None
+    ) -> Tensor:
         b, t, _ = x.shape
         q, k, v = self.proj.qkv(x, base)
         q = apply_rotary(q.view(b, t, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
@@ -58,7 +68,9 @@ class Attention(Mixer):
         if states is None:
             out = self._full_sequence(q, k, v, ctx.positions[0])
         else:
-            out = torch.stack([self._with_cache(q[i], k[i], v[i], ctx.positions[i], states[i]) for i in range(b)])
+            out = torch.stack(
+                [self._with_cache(q[i], k[i], v[i], ctx.positions[i], states[i]) for i in range(b)]
+            )
         return self.proj.out(out.transpose(1, 2).reshape(b, t, -1), base)
 
     def _full_sequence(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:

@@ -33,8 +33,9 @@ class Mixer(nn.Module):
 
     name: str
 
-    def forward(self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext,
-                states: list[LayerState] | None) -> Tensor:
+    def forward(
+        self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext, states: list[LayerState] | None
+    ) -> Tensor:
         raise NotImplementedError
 
     def new_state(self, dtype: torch.dtype, device: torch.device) -> LayerState:
@@ -49,16 +50,34 @@ class MixerProjections(nn.Module):
     head); the LoRA deltas act on the tiled output so the tiled heads can drift apart during training.
     """
 
-    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, *, own: bool,
-                 lora_rank: int, kv_repeat: int = 1) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bias: bool,
+        *,
+        own: bool,
+        lora_rank: int,
+        kv_repeat: int = 1,
+    ) -> None:
         super().__init__()
         self.head_dim, self.kv_repeat = head_dim, kv_repeat
         q_dim, kv_dim = num_heads * head_dim, num_kv_heads * kv_repeat * head_dim
-        self.own = AttentionProjections(hidden, num_heads, num_kv_heads * kv_repeat, head_dim, bias) if own else None
+        self.own = (
+            AttentionProjections(hidden, num_heads, num_kv_heads * kv_repeat, head_dim, bias) if own else None
+        )
         self.lora = None
         if not own and lora_rank > 0:
-            self.lora = nn.ModuleDict({"q": LoRA(hidden, q_dim, lora_rank), "k": LoRA(hidden, kv_dim, lora_rank),
-                                       "v": LoRA(hidden, kv_dim, lora_rank), "o": LoRA(q_dim, hidden, lora_rank)})
+            self.lora = nn.ModuleDict(
+                {
+                    "q": LoRA(hidden, q_dim, lora_rank),
+                    "k": LoRA(hidden, kv_dim, lora_rank),
+                    "v": LoRA(hidden, kv_dim, lora_rank),
+                    "o": LoRA(q_dim, hidden, lora_rank),
+                }
+            )
 
     def qkv(self, x: Tensor, base: AttentionProjections | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.own is not None:

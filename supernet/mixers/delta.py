@@ -37,7 +37,9 @@ from supernet.mixers.base import Mixer, MixerContext, MixerProjections
 
 SILU_ONE = 1.2784645  # silu(SILU_ONE) == 1.0: the GDN output gate's neutral bias
 SIGMOID_NEUTRAL = 5.0  # sigmoid(5) ~= 0.993: KDA's near-open gate
-FAST_DECAY = 0.1  # exp(A_log) at init; with softplus(0) the per-token decay is exp(-0.069) (half-life ~10 tokens)
+FAST_DECAY = (
+    0.1  # exp(A_log) at init; with softplus(0) the per-token decay is exp(-0.069) (half-life ~10 tokens)
+)
 
 
 class LowRank(nn.Module):
@@ -58,17 +60,29 @@ class LowRank(nn.Module):
 class DeltaMixer(Mixer):
     gate_activation: str
 
-    def __init__(self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int) -> None:
+    def __init__(
+        self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int
+    ) -> None:
         super().__init__()
         self.name = name
         fa = config.fa
         if dcfg.num_heads != fa.num_heads or dcfg.head_dim != fa.head_dim:
-            raise ValueError(f"config.{name}: heads x head_dim must match the attention's "
-                             f"({fa.num_heads} x {fa.head_dim}) for transfer from the teacher")
+            raise ValueError(
+                f"config.{name}: heads x head_dim must match the attention's "
+                f"({fa.num_heads} x {fa.head_dim}) for transfer from the teacher"
+            )
         self.num_heads, self.head_dim, self.eps = dcfg.num_heads, dcfg.head_dim, dcfg.norm_eps
         width = dcfg.num_heads * dcfg.head_dim
-        self.proj = MixerProjections(config.hidden_size, fa.num_heads, fa.num_kv_heads, fa.head_dim, fa.bias, own=own,
-                                     lora_rank=lora_rank, kv_repeat=fa.num_heads // fa.num_kv_heads)
+        self.proj = MixerProjections(
+            config.hidden_size,
+            fa.num_heads,
+            fa.num_kv_heads,
+            fa.head_dim,
+            fa.bias,
+            own=own,
+            lora_rank=lora_rank,
+            kv_repeat=fa.num_heads // fa.num_kv_heads,
+        )
         self.conv_weight = nn.Parameter(torch.zeros(3 * width, dcfg.conv_kernel))
         with torch.no_grad():
             self.conv_weight[:, -1] = 1.0
@@ -85,8 +99,9 @@ class DeltaMixer(Mixer):
     def rule(self, chunked: bool):
         raise NotImplementedError
 
-    def forward(self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext,
-                states: list[LayerState] | None) -> Tensor:
+    def forward(
+        self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext, states: list[LayerState] | None
+    ) -> Tensor:
         b, t, _ = x.shape
         qkv = torch.cat(self.proj.qkv(x, base), dim=-1)
         conv_state = None if states is None else torch.stack([s.conv for s in states])
@@ -94,14 +109,20 @@ class DeltaMixer(Mixer):
         if conv_state is not None and t == 1:
             qkv, conv_state = causal_conv1d_update(qkv, conv_state, self.conv_weight, activation="silu")
         else:
-            qkv, conv_state = causal_conv1d(qkv, self.conv_weight, activation="silu", initial_state=conv_state,
-                                            output_final_state=states is not None)
+            qkv, conv_state = causal_conv1d(
+                qkv,
+                self.conv_weight,
+                activation="silu",
+                initial_state=conv_state,
+                output_final_state=states is not None,
+            )
         q, k, v = (z.view(b, t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
         q, k = l2_norm(q), l2_norm(k)
         beta = torch.sigmoid(self.b_proj(x))
         rule = self.rule(chunked=states is None or t > 1)
-        o, rec_state = rule(q, k, v, self.decay(x), beta, initial_state=rec_state,
-                            output_final_state=states is not None)
+        o, rec_state = rule(
+            q, k, v, self.decay(x), beta, initial_state=rec_state, output_final_state=states is not None
+        )
         if states is not None:
             for i, state in enumerate(states):
                 state.conv, state.recurrent = conv_state[i], rec_state[i]
@@ -111,14 +132,18 @@ class DeltaMixer(Mixer):
 
     def new_state(self, dtype: torch.dtype, device: torch.device) -> LayerState:
         width = self.num_heads * self.head_dim
-        return DeltaState(torch.zeros(3 * width, self.conv_weight.shape[1] - 1, dtype=dtype, device=device),
-                          torch.zeros(self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32, device=device))
+        return DeltaState(
+            torch.zeros(3 * width, self.conv_weight.shape[1] - 1, dtype=dtype, device=device),
+            torch.zeros(self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32, device=device),
+        )
 
 
 class GatedDeltaNet(DeltaMixer):
     gate_activation = "silu"
 
-    def __init__(self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int) -> None:
+    def __init__(
+        self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int
+    ) -> None:
         super().__init__(name, config, dcfg, own=own, lora_rank=lora_rank)
         self.a_proj = nn.Linear(config.hidden_size, dcfg.num_heads, bias=False)
         nn.init.zeros_(self.a_proj.weight)
@@ -135,7 +160,9 @@ class GatedDeltaNet(DeltaMixer):
 class KimiDeltaAttention(DeltaMixer):
     gate_activation = "sigmoid"
 
-    def __init__(self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int) -> None:
+    def __init__(
+        self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int
+    ) -> None:
         super().__init__(name, config, dcfg, own=own, lora_rank=lora_rank)
         width = dcfg.num_heads * dcfg.head_dim
         self.f_proj = LowRank(config.hidden_size, dcfg.gate_rank, width, None)

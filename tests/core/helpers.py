@@ -15,6 +15,6 @@ def perturbed(model: SupernetForCausalLM, seed: int = 0, scale: float = 0.05) ->
     model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.trainable_mixer_parameters().items():
+        for p in model.trainable_mixer_parameters().values():
             p.add_(torch.randn(p.shape, generator=gen) * scale)
     return model.eval()

@@ -23,7 +23,9 @@ def test_all_fa_reproduces_teacher_logits(tie: bool, mode: str) -> None:
 def test_every_placement_starts_near_the_teacher(tiny_teacher) -> None:
     """Transfer init: SWA (zero LoRA deltas) is exactly FA within its window; GDN/KDA run and stay finite."""
     model = build_from_teacher(tiny_teacher, window=64)
-    ids = torch.randint(0, tiny_teacher.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(
+        0, tiny_teacher.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(2)
+    )
     with torch.no_grad():
         ref = tiny_teacher(ids).logits
         assert (model(ids, "all-swa").logits - ref).abs().max() <= 1e-4
@@ -36,8 +38,8 @@ def test_full_mode_tiles_kv_heads_for_delta_mixers(tiny_teacher) -> None:
     src = tiny_teacher.model.layers[0].self_attn.k_proj.weight  # [Hkv*D, hidden]
     tiled = model.layers[0].mixers["gdn"].proj.own.k_proj.weight  # [H*D, hidden]
     d = model.config.fa.head_dim
-    assert torch.equal(tiled[:d], src[:d]) and torch.equal(tiled[d:2 * d], src[:d])
-    assert torch.equal(tiled[2 * d:3 * d], src[d:2 * d])
+    assert torch.equal(tiled[:d], src[:d]) and torch.equal(tiled[d : 2 * d], src[:d])
+    assert torch.equal(tiled[2 * d : 3 * d], src[d : 2 * d])
 
 
 @pytest.mark.smollm2

@@ -23,7 +23,7 @@ def test_prefill_then_decode_equals_full_prefill(model, placement: str) -> None:
         full = model(ids, placement).logits
         states = [model.new_state(placement) for _ in range(2)]
         steps = [model(ids[:, :n], states=states).logits]
-        steps += [model(ids[:, i:i + 1], states=states).logits for i in range(n, n + m)]
+        steps += [model(ids[:, i : i + 1], states=states).logits for i in range(n, n + m)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
     assert all(s.length == n + m for s in states)
 
@@ -44,15 +44,18 @@ def test_mixed_presets_in_one_batch_equal_each_alone(model) -> None:
     with torch.no_grad():
         mixed = model(ids, placements).logits
         for row, placement in enumerate(placements):
-            torch.testing.assert_close(mixed[row], model(ids[row:row + 1], placement).logits[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                mixed[row], model(ids[row : row + 1], placement).logits[0], atol=1e-5, rtol=0
+            )
         # and with caches: prefill separately, then decode all three rows in one batched step
         states = [model.new_state(p) for p in placements]
         for row, state in enumerate(states):
-            model(ids[row:row + 1, :10], states=[state])
+            model(ids[row : row + 1, :10], states=[state])
         step = model(ids[:, 10:11], states=states).logits
         for row, placement in enumerate(placements):
-            torch.testing.assert_close(step[row, 0], model(ids[row:row + 1, :11], placement).logits[0, -1],
-                                       atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                step[row, 0], model(ids[row : row + 1, :11], placement).logits[0, -1], atol=1e-4, rtol=0
+            )
 
 
 def test_state_sizes_follow_the_placement(model) -> None:

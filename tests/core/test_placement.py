@@ -21,13 +21,16 @@ def test_format_round_trips() -> None:
     assert parse_placement(format_placement(placement), 7) == placement
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ("all-mamba", "unknown mixer 'mamba'; valid mixers: fa, swa, gdn, kda"),
-    ("fa,gdn", "placement has 2 layer(s) but the model has 4"),
-    ("", "empty placement"),
-    ("gdn*x", "bad repeat count"),
-    ("fa-every-0:gdn", "period"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("all-mamba", "unknown mixer 'mamba'; valid mixers: fa, swa, gdn, kda"),
+        ("fa,gdn", "placement has 2 layer(s) but the model has 4"),
+        ("", "empty placement"),
+        ("gdn*x", "bad repeat count"),
+        ("fa-every-0:gdn", "period"),
+    ],
+)
 def test_errors_are_clear(spec: str, needle: str) -> None:
     with pytest.raises(PlacementError) as err:
         parse_placement(spec, 4)

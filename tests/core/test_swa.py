@@ -13,7 +13,9 @@ from supernet.mixers import MixerContext
 from tests.conftest import make_tiny_llama
 
 
-def masked_attention_reference(model, layer_idx: int, h: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+def masked_attention_reference(
+    model, layer_idx: int, h: torch.Tensor, window: int, sinks: int
+) -> torch.Tensor:
     """Independent reference: the teacher's attention with an explicit [T, T] mask, plain softmax, no cache."""
     cfg, layer = model.config, model.layers[layer_idx]
     attn = layer.attn
@@ -22,7 +24,11 @@ def masked_attention_reference(model, layer_idx: int, h: torch.Tensor, window: i
     positions = torch.arange(t).expand(b, t)
     cos, sin = model.rotary(positions)
     q = apply_rotary(attn.q_proj(h).view(b, t, heads, d), cos, sin).transpose(1, 2)
-    k = apply_rotary(attn.k_proj(h).view(b, t, kv, d), cos, sin).transpose(1, 2).repeat_interleave(heads // kv, 1)
+    k = (
+        apply_rotary(attn.k_proj(h).view(b, t, kv, d), cos, sin)
+        .transpose(1, 2)
+        .repeat_interleave(heads // kv, 1)
+    )
     v = attn.v_proj(h).view(b, t, kv, d).transpose(1, 2).repeat_interleave(heads // kv, 1)
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
     allowed = (j <= i) & ((i - j < window) | (j < sinks))
@@ -46,8 +52,8 @@ def test_swa_prefill_and_decode_match_masked_fa(window: int, sinks: int) -> None
         states = [swa.new_state(torch.float32, torch.device("cpu")) for _ in range(2)]
         steps = []
         for s in range(t):
-            ctx = MixerContext(positions[:, s:s + 1], cos[:, s:s + 1], sin[:, s:s + 1])
-            steps.append(swa(h[:, s:s + 1], model.layers[0].attn, ctx, states))
+            ctx = MixerContext(positions[:, s : s + 1], cos[:, s : s + 1], sin[:, s : s + 1])
+            steps.append(swa(h[:, s : s + 1], model.layers[0].attn, ctx, states))
             assert states[0].k.shape[1] == window + sinks  # the cache never grows
     torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=0)
 
@@ -56,7 +62,9 @@ def test_swa_with_window_covering_the_sequence_equals_fa() -> None:
     model = build_from_teacher(make_tiny_llama(seed=8), window=64, sinks=0)
     ids = torch.randint(0, model.config.vocab_size, (2, 64))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, "all-swa").logits, model(ids, "all-fa").logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model(ids, "all-swa").logits, model(ids, "all-fa").logits, atol=1e-5, rtol=0
+        )
         state = model.new_state("all-swa")
         model(ids[:1, :40], states=[state])
         last = model(ids[:1, 40:41], states=[state]).logits

@@ -183,6 +183,8 @@ def test_bad_shapes_raise_clear_errors() -> None:
         chunk_gated_delta_rule(**{**x, "beta": x["beta"][..., None]})
     with pytest.raises(ValueError, match="cu_seqlens"):
         chunk_gated_delta_rule(**x, cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="initial_state"):
+        recurrent_gated_delta_rule(**{**x, "initial_state": torch.zeros(2, 2, 16, 12)})  # N=2 but B=1
 
 
 def test_cpu_never_routes_to_fla() -> None:

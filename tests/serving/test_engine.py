@@ -131,3 +131,28 @@ def test_detokenizer_stop_string_across_tokens(tiny_tokenizer):
     # no stop string: streamed pieces add up to the plain decode
     detok = IncrementalDetokenizer(tiny_tokenizer, [], stop=[])
     assert "".join(detok.take(False) for t in ids if not detok.add(t)) + detok.take(True) == text
+
+
+def test_decode_head_cache_matches_and_follows_weight_updates(tiny_model):
+    """The batch-1 output projection (a cached transposed head, SupernetForCausalLM._logits) gives the plain
+    head's logits, and an in-place weight update is seen on the next call."""
+    import torch
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        fast = tiny_model(ids[:, -1:], "all-fa").logits  # 1 row: cached transpose
+        rows = tiny_model.SMALL_HEAD_ROWS
+        try:
+            tiny_model.SMALL_HEAD_ROWS = 0
+            plain = tiny_model(ids[:, -1:], "all-fa").logits
+        finally:
+            tiny_model.SMALL_HEAD_ROWS = rows
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+        head = tiny_model.lm_head.weight if tiny_model.lm_head is not None else tiny_model.embed_tokens.weight
+        head.mul_(2.0)
+        try:
+            doubled = tiny_model(ids[:, -1:], "all-fa").logits
+        finally:
+            head.mul_(0.5)
+        torch.testing.assert_close(doubled, 2 * fast, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(tiny_model(ids[:, -1:], "all-fa").logits, fast, atol=1e-5, rtol=0)
