@@ -6,9 +6,15 @@ machine is shared and noisy, so read the ratios (measured side by side) rather t
 transformers' KDA reference is slow (~1k tok/s); at a length where its estimated run time exceeds
 ``--slow-limit`` seconds it is skipped, and the table says so.
 
+On a machine shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``: with the default (spinning) policy,
+every parallel op waits for a descheduled thread, and 2-thread wall-clock numbers of op-heavy code (ours,
+transformers') measured 5-10x low and erratic while SDPA (one big op) barely moved. Or use
+``--threads 1 --clock cpu``.
+
     python benchmarks/bench_kernels.py                       # T = 1024, 4096, 16384; 2 threads
     python benchmarks/bench_kernels.py --lengths 4096 --repeats 5 --threads 1
     python benchmarks/bench_kernels.py --lengths 2048 --backward
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_kernels.py     # on a shared machine
 """
 
 from __future__ import annotations
@@ -123,7 +129,8 @@ def main() -> None:
     mode = "forward + backward" if args.backward else "forward"
     print(f"\nB=1, H={H}, K=V={D}, fp32, chunk {C}, {args.threads} thread(s), {mode}, {args.clock} clock, "
           f"median of up to {args.repeats} runs after a warm-up; tokens/s (tf = transformers' torch "
-          f"reference); load average at the end: {os.getloadavg()[0]:.1f}\n")
+          f"reference); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average at the end: "
+          f"{os.getloadavg()[0]:.1f}\n")
     print("| T | GDN ours | GDN tf | GDN ours/tf | KDA ours | KDA tf | KDA ours/tf "
           "| SDPA causal | GDN ours/SDPA | KDA ours/SDPA |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -137,6 +144,18 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     for n in notes:
         print(f"\n{n}")
+    print_shipped_size()
+
+
+def print_shipped_size() -> None:
+    """The memory-budget check: what the shipped demo supernet adds over its teacher, on disk (budget 64 MB)."""
+    from supernet import DEMO_DIR
+
+    files = sorted(p for p in DEMO_DIR.iterdir() if p.is_file()) if DEMO_DIR.is_dir() else []
+    weights = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    total = sum(p.stat().st_size for p in files)
+    print(f"\nshipped demo ({DEMO_DIR.name}/): weights {weights / 1e6:.1f} MB, all files {total / 1e6:.1f} MB "
+          f"(budget 64 MB)")
 
 
 if __name__ == "__main__":

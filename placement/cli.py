@@ -18,9 +18,7 @@ place = typer.Typer(
 )
 
 ModelOpt = Annotated[Path, typer.Option("--model", help="supernet checkpoint directory")]
-DbOpt = Annotated[
-    Path | None, typer.Option(help="results database (default $SUPERNET_CACHE/placement/results.sqlite)")
-]
+DbOpt = Annotated[Path | None, typer.Option(help="results database (default $SUPERNET_CACHE/placement/results.sqlite)")]
 ContextOpt = Annotated[int, typer.Option(help="context length the cost (and KV budget) is stated at")]
 BatchOpt = Annotated[int, typer.Option(help="decode batch size the cost is stated at")]
 
@@ -63,15 +61,11 @@ def _eval_settings(
 @place.command("eval")
 def eval_cmd(
     model: ModelOpt,
-    placement: Annotated[
-        list[str], typer.Option(help="placement(s) to score: all-fa, fa-every-4:gdn, a list...")
-    ],
+    placement: Annotated[list[str], typer.Option(help="placement(s) to score: all-fa, fa-every-4:gdn, a list...")],
     metrics: Annotated[
         str, typer.Option(help="comma list: trace_loglik,kl,needle_acc,needle_loglik,mc:<stem>")
     ] = "trace_loglik,kl,needle_acc,needle_loglik",
-    mc: Annotated[
-        list[Path] | None, typer.Option(help="multiple-choice JSONL file(s) (metric mc:<file stem>)")
-    ] = None,
+    mc: Annotated[list[Path] | None, typer.Option(help="multiple-choice JSONL file(s) (metric mc:<file stem>)")] = None,
     db: DbOpt = None,
     trace_sequences: Annotated[int, typer.Option(help="teacher traces scored")] = 4,
     trace_length: Annotated[int, typer.Option(help="tokens per trace / KL sequence")] = 128,
@@ -117,9 +111,7 @@ def eval_cmd(
             )
         except ValueError as err:
             fail(str(err))
-        typer.echo(
-            json.dumps({"placement": format_placement(spec), **{k: round(v, 6) for k, v in values.items()}})
-        )
+        typer.echo(json.dumps({"placement": format_placement(spec), **{k: round(v, 6) for k, v in values.items()}}))
 
 
 @place.command("profile")
@@ -127,9 +119,7 @@ def profile_cmd(
     model: ModelOpt,
     context: ContextOpt = 8192,
     batch: BatchOpt = 8,
-    cost_model: Annotated[
-        str, typer.Option(help="'measured' (this device), 'analytic:<gpu>' or 'all'")
-    ] = "all",
+    cost_model: Annotated[str, typer.Option(help="'measured' (this device), 'analytic:<gpu>' or 'all'")] = "all",
     placement: Annotated[list[str] | None, typer.Option(help="placement(s) to cost")] = None,
     prefill_context: Annotated[int, typer.Option(help="prefill length timed by the measured model")] = 1024,
     db: DbOpt = None,
@@ -151,9 +141,7 @@ def profile_cmd(
             parse_cost_model_name(n)
         specs = [parse_placement(p, config.num_hidden_layers) for p in placement or ()]
         if context < 1 or batch < 1 or prefill_context < 1:
-            raise ValueError(
-                f"--context {context}, --batch {batch}, --prefill-context {prefill_context} must be >= 1"
-            )
+            raise ValueError(f"--context {context}, --batch {batch}, --prefill-context {prefill_context} must be >= 1")
     except (PlacementError, FileNotFoundError, ValueError) as err:
         fail(f"{err} (GPUs: {', '.join(GPUS)})" if "GPU" in str(err) else str(err))
     try:
@@ -169,9 +157,7 @@ def profile_cmd(
     dumped = {}
     with ResultStore(db or default_db_path()) as store:
         for n in names:
-            cm = make_cost_model(
-                n, config, context, batch, model=net, store=store, prefill_context=prefill_context
-            )
+            cm = make_cost_model(n, config, context, batch, model=net, store=store, prefill_context=prefill_context)
             dumped[n] = cm.to_dict()
             typer.echo(f"\n{cm.describe()}  [{cm.device}]")
             header = f"  {'mixer':5} {'decode/layer':>14} {'rel. FA':>8} {'prefill/layer':>14}"
@@ -179,8 +165,7 @@ def profile_cmd(
             for m, v in cm.mixer.items():
                 pre = f"{cm.prefill[m] * 1e3:11.3f} ms" if cm.prefill else "-"
                 typer.echo(
-                    f"  {m:5} {v * 1e6:11.1f} us {v / cm.mixer['fa']:8.3f} {pre:>14} "
-                    f"{cm.kv_bytes[m] / 2**10:13.1f} KiB"
+                    f"  {m:5} {v * 1e6:11.1f} us {v / cm.mixer['fa']:8.3f} {pre:>14} {cm.kv_bytes[m] / 2**10:13.1f} KiB"
                 )
             typer.echo(f"  shared (MLPs, norms, head): {cm.shared * 1e3:.3f} ms per step")
             for m in ("fa", "swa", "gdn", "kda"):
@@ -200,12 +185,8 @@ def profile_cmd(
 def search_cmd(
     model: ModelOpt,
     out: Annotated[Path, typer.Option(help="presets.yaml to write (e.g. supernet/demo/presets.yaml)")],
-    report_dir: Annotated[
-        Path | None, typer.Option(help="where report.md, pareto.png, search.json go")
-    ] = None,
-    evals: Annotated[
-        int, typer.Option(help="placements the guided search measures (random baseline: same)")
-    ] = 24,
+    report_dir: Annotated[Path | None, typer.Option(help="where report.md, pareto.png, search.json go")] = None,
+    evals: Annotated[int, typer.Option(help="placements the guided search measures (random baseline: same)")] = 24,
     init_random: Annotated[int, typer.Option(help="random placements before the first surrogate fit")] = 8,
     per_round: Annotated[int, typer.Option(help="placements chosen per active round")] = 4,
     presets: Annotated[int, typer.Option(help="presets to write (all-FA included)")] = 6,
@@ -228,9 +209,7 @@ def search_cmd(
     budget: Annotated[
         float | None, typer.Option(help="max cost relative to all-FA for the presets (0.5 = >= 2x)")
     ] = None,
-    baseline: Annotated[
-        bool, typer.Option(help="also run random search at the same evaluation budget")
-    ] = True,
+    baseline: Annotated[bool, typer.Option(help="also run random search at the same evaluation budget")] = True,
     measure_cpu: Annotated[bool, typer.Option(help="add measured CPU speed-ups to the report")] = True,
     db: DbOpt = None,
     trace_sequences: Annotated[int, typer.Option(help="teacher traces scored")] = 4,
@@ -241,6 +220,9 @@ def search_cmd(
         str, typer.Option(help="text sources whose held-out split is scored (see training data)")
     ] = "demo",
     threads: Annotated[int, typer.Option(help="torch threads (0: default, 1 when oversubscribed)")] = 0,
+    note: Annotated[
+        str | None, typer.Option(help="a line for the report (e.g. where the checkpoint came from)")
+    ] = None,
     seed: int = 0,
 ) -> None:
     """Sample -> evaluate -> fit surrogate -> exact DP Pareto front -> measured presets, report and plot."""
@@ -292,6 +274,7 @@ def search_cmd(
             measure_cpu=measure_cpu,
             command=command,
             sources=sources.split(","),
+            note=note,
         )
     except (PlacementError, InfeasibleError, CheckpointError, FileNotFoundError, ValueError) as err:
         fail(str(err))

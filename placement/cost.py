@@ -59,9 +59,7 @@ class CostModel:
     shared: float  # seconds per step, everything outside the mixers
     num_layers: int
     kv_bytes: dict[str, int]  # per layer, per sequence, at `context`
-    prefill: dict[str, float] = field(
-        default_factory=dict
-    )  # seconds per layer for one `prefill_context` prefill
+    prefill: dict[str, float] = field(default_factory=dict)  # seconds per layer for one `prefill_context` prefill
     prefill_shared: float = 0.0
     prefill_context: int = 0
 
@@ -205,9 +203,7 @@ def _synthetic_state(mixer, name: str, context: int, dtype: torch.dtype):
         state.k.normal_()
         state.v.normal_()
         n = state.pos.numel()
-        state.pos[:] = (
-            torch.arange(n) if context >= n else torch.where(torch.arange(n) < context, torch.arange(n), -1)
-        )
+        state.pos[:] = torch.arange(n) if context >= n else torch.where(torch.arange(n) < context, torch.arange(n), -1)
     else:
         state.recurrent.normal_(std=0.01)
         state.conv.normal_()
@@ -313,9 +309,7 @@ def parse_cost_model_name(name: str) -> tuple[str, str | None]:
         return "measured", None
     kind, _, gpu = name.partition(":")
     if kind != "analytic":
-        raise ValueError(
-            f"cost model {name!r}: expected 'measured' or 'analytic:<gpu>' (gpus: {', '.join(GPUS)})"
-        )
+        raise ValueError(f"cost model {name!r}: expected 'measured' or 'analytic:<gpu>' (gpus: {', '.join(GPUS)})")
     gpu = gpu or "h100-sxm"
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r} in cost model {name!r}; known: {', '.join(GPUS)}")

@@ -56,9 +56,7 @@ class TextSet:
 
     @property
     def data_hash(self) -> str:
-        return _hash(
-            self.kind, str(self.score_from), str(tuple(self.ids.shape)), tensor_hash(self.ids.long())
-        )
+        return _hash(self.kind, str(self.score_from), str(tuple(self.ids.shape)), tensor_hash(self.ids.long()))
 
 
 @dataclass
@@ -85,9 +83,7 @@ class ChoiceSet:
     """Multiple-choice items: score each choice's log-likelihood after the context, pick the best."""
 
     name: str
-    items: list[tuple[list[int], list[list[int]], int]] = field(
-        default_factory=list
-    )  # (context, choices, answer)
+    items: list[tuple[list[int], list[list[int]], int]] = field(default_factory=list)  # (context, choices, answer)
 
     @property
     def data_hash(self) -> str:
@@ -106,9 +102,7 @@ def heldout_texts(sources: Sequence[str] = ("demo",), val_fraction: float = 0.05
     return [d.text for d in val]
 
 
-def token_rows(
-    texts: Sequence[str], tokenizer, n: int, length: int, seed: int, offset: int = 0
-) -> torch.Tensor:
+def token_rows(texts: Sequence[str], tokenizer, n: int, length: int, seed: int, offset: int = 0) -> torch.Tensor:
     """``n`` rows of ``length`` tokens, each a window of a different document (documents drawn with ``seed``).
 
     ``offset`` skips that many documents of the shuffled order, so two sets (traces, KL) never share a

@@ -54,9 +54,7 @@ def parse_quality(spec: str | dict[str, float] | None) -> dict[str, float]:
                 raise ValueError(f"quality weight {item.strip()!r}: expected NAME=NUMBER") from err
     for name in weights:
         if name not in CORE_METRICS and not name.startswith("mc:"):
-            raise ValueError(
-                f"unknown metric {name!r} in quality; valid: {', '.join(CORE_METRICS)}, mc:<file stem>"
-            )
+            raise ValueError(f"unknown metric {name!r} in quality; valid: {', '.join(CORE_METRICS)}, mc:<file stem>")
     return weights
 
 
@@ -87,10 +85,7 @@ def trace_loglik(model, traces: TextSet, placement) -> tuple[float, dict]:
 @torch.inference_mode()
 def full_logprobs(model, ids: torch.Tensor, placement) -> list[torch.Tensor]:
     """Per row [T, V] fp32 log-probabilities (one row at a time bounds memory to one row's logits)."""
-    return [
-        torch.log_softmax(model(ids[i : i + 1], placement).logits[0].float(), dim=-1)
-        for i in range(ids.shape[0])
-    ]
+    return [torch.log_softmax(model(ids[i : i + 1], placement).logits[0].float(), dim=-1) for i in range(ids.shape[0])]
 
 
 @torch.inference_mode()
@@ -276,8 +271,7 @@ class Evaluator:
             choices = self._get("choices")
             if metric[3:] not in choices:
                 raise ValueError(
-                    f"metric {metric!r}: no multiple-choice file with stem {metric[3:]!r} "
-                    f"(have {sorted(choices)})"
+                    f"metric {metric!r}: no multiple-choice file with stem {metric[3:]!r} (have {sorted(choices)})"
                 )
             return choices[metric[3:]].data_hash
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(self.available_metrics())}")
@@ -331,9 +325,7 @@ def corpus_data_factory(
             )
         if kind == "kl_text":
             # offset: documents after the ones trace prompts came from
-            ids = D.token_rows(
-                heldout(), tokenizer, s.kl_sequences, s.kl_length, s.seed, offset=s.trace_sequences * 2
-            )
+            ids = D.token_rows(heldout(), tokenizer, s.kl_sequences, s.kl_length, s.seed, offset=s.trace_sequences * 2)
             return TextSet("heldout", ids, score_from=1)
         if kind == "needles":
             return D.make_needles(heldout(), tokenizer, s.needle_lengths, s.needles_per_sequence, s.seed)

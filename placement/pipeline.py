@@ -178,9 +178,7 @@ def evaluate_placement(
             settings,
             data_factory=corpus_data_factory(model, tokenizer, settings, sources),
         )
-        return ev.evaluate(
-            spec, list(metrics or (*CORE_METRICS, *ev.available_metrics()[len(CORE_METRICS) :]))
-        )
+        return ev.evaluate(spec, list(metrics or (*CORE_METRICS, *ev.available_metrics()[len(CORE_METRICS) :])))
 
 
 def search_pipeline(
@@ -203,6 +201,7 @@ def search_pipeline(
     measure_cpu: bool = True,
     command: str = "",
     progress: bool = True,
+    note: str | None = None,
 ) -> SearchOutputs:
     """sample -> eval -> fit -> optimise -> presets.yaml + report + plot. Validates every input against the
     config before loading weights, so bad input fails in a second."""
@@ -221,13 +220,9 @@ def search_pipeline(
     model, tokenizer, ckpt = open_checkpoint(model_dir)
     store = ResultStore(db or default_db_path())
     try:
-        cm = make_cost_model(
-            cost_model, config, context, batch, model=model, store=store, prefill_context=1024
-        )
+        cm = make_cost_model(cost_model, config, context, batch, model=model, store=store, prefill_context=1024)
         check_feasible(cm, constraints, max_cost)
-        ev = Evaluator(
-            model, ckpt, store, es, data_factory=corpus_data_factory(model, tokenizer, es, sources)
-        )
+        ev = Evaluator(model, ckpt, store, es, data_factory=corpus_data_factory(model, tokenizer, es, sources))
         metrics = list(weights)
         for metric in metrics:  # build the data sets now: a bad setting fails before the first evaluation
             ev._data_hash(metric)
@@ -313,7 +308,7 @@ def search_pipeline(
                 measured = {e["name"]: cpu.speedup(e["_placement"]) for e in entries}
             for e in entries:
                 e.pop("_placement")
-            settings_text = [
+            settings_text = ([f"note: {note}"] if note else []) + [
                 f"checkpoint: `{model_dir.name}` (hash {ckpt})",
                 f"cost model: {cm.describe()}; per-layer mixer cost relative to FA: "
                 + ", ".join(f"{m} {v:.3f}" for m, v in cm.relative().items()),
@@ -375,9 +370,7 @@ def _progress_bar(enabled: bool):
             if state["bar"] is not None:
                 state["bar"].close()
             state["stage"] = stage
-            state["bar"] = (
-                None if stage == "done" else tqdm(desc=stage, total=total or None, unit="placement")
-            )
+            state["bar"] = None if stage == "done" else tqdm(desc=stage, total=total or None, unit="placement")
         if state["bar"] is not None:
             state["bar"].total = max(total, done)
             state["bar"].n = done

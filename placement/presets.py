@@ -233,9 +233,7 @@ def write_report(
         ]
         for t, g, r in zip(comp["targets"], comp["guided"], comp["random"], strict=True):
             lines.append(f"| {t:.2f}x | {_fmt(g)} | {_fmt(r)} |")
-        lines.append(
-            f"| mean (missing = worst measured) | {_fmt(comp['guided_mean'])} | {_fmt(comp['random_mean'])} |"
-        )
+        lines.append(f"| mean (missing = worst measured) | {_fmt(comp['guided_mean'])} | {_fmt(comp['random_mean'])} |")
     if comp.get("beam"):
         lines += [
             "",

@@ -122,8 +122,7 @@ class ResultStore:
                 ),
             )
             c.execute(
-                "INSERT INTO computations (checkpoint, placement, metric, data, pid, created) "
-                "VALUES (?,?,?,?,?,?)",
+                "INSERT INTO computations (checkpoint, placement, metric, data, pid, created) VALUES (?,?,?,?,?,?)",
                 (key.checkpoint, key.placement, key.metric, key.data, os.getpid(), now),
             )
 
@@ -141,9 +140,7 @@ class ResultStore:
         ).fetchall()
 
     def get_blob(self, namespace: str, key: str) -> Any | None:
-        row = self.conn.execute(
-            "SELECT value FROM blobs WHERE namespace=? AND key=?", (namespace, key)
-        ).fetchone()
+        row = self.conn.execute("SELECT value FROM blobs WHERE namespace=? AND key=?", (namespace, key)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def put_blob(self, namespace: str, key: str, value: Any) -> None:

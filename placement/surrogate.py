@@ -153,9 +153,7 @@ class Surrogate:
         self.model = None
 
     def _x(self, placements: Sequence[Sequence[str]]) -> np.ndarray:
-        return (
-            self.features.transform(placements) if self.kind == "bayes" else self.features.one_hot(placements)
-        )
+        return self.features.transform(placements) if self.kind == "bayes" else self.features.one_hot(placements)
 
     def fit(self, placements: Sequence[Sequence[str]], y: Sequence[float]) -> Surrogate:
         if len(placements) < 2:

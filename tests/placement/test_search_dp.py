@@ -187,3 +187,22 @@ def test_random_placements_respect_constraints():
     for _ in range(50):
         p = random_placement(rng, cons, KV)
         assert cons.admits(p, KV)
+
+
+def test_presets_are_a_measured_front():
+    """A measured placement that beats the DP pick in its speed band replaces it; a preset beaten by a faster
+    one is dropped; all-FA always stays."""
+    from placement.search import verify_presets
+
+    L = 4
+    costs = {"fa": 1.0, "swa": 0.25, "gdn": 0.2, "kda": 0.2}
+    cost = lambda p: sum(costs[m] for m in p)  # noqa: E731
+    fa, pick2, better2, pick3, pick4 = ("fa",) * 4, ("fa", "fa", "swa", "swa"), ("swa", "fa", "fa", "swa"), \
+        ("fa", "swa", "swa", "swa"), ("gdn",) * 4
+    measured = {fa: 0.0, pick2: -1.0, better2: -0.5, pick3: -2.0, pick4: -1.5}
+    presets = [{"placement": p, "target_speedup": t, "predicted_quality": 0.0, "measured_quality": measured[p]}
+               for p, t in ((fa, 1.0), (pick2, 1.6), (pick3, 2.2), (pick4, 4.0))]
+    sur = Surrogate(L, 1).fit(list(measured), list(measured.values()))
+    out = verify_presets(presets, measured, sur, cost, cost(fa), Constraints(L), None, None)
+    assert [p["placement"] for p in out] == [fa, better2, pick4]  # pick3 (2.3x, -2.0) loses to pick4 (5x, -1.5)
+    assert [p["source"] for p in out] == ["dp", "measured", "dp"]
