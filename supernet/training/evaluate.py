@@ -85,5 +85,5 @@ def format_table(results: dict[str, dict[str, float]], model: SupernetForCausalL
             counts = "/".join(str(spec.count(m)) for m in ("fa", "swa", "gdn", "kda"))
             if len(p) > 40:
                 p = format_placement(spec)
-        lines.append(f"| {p} | {counts} | {r['ppl']:.2f} | {r['kl']:.4f} |")
+        lines.append(f"| {p} | {counts} | {r['ppl']:.2f} | {max(r['kl'], 0.0):.4f} |")  # no -0.0000 from rounding
     return "\n".join(lines)
