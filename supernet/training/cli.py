@@ -37,7 +37,7 @@ def train_command(
 ) -> None:
     """Distil a supernet from its frozen teacher (blockwise warm start, then stochastic placements).
 
-    Runs on one process as is; under `torchrun --nproc_per_node N supernet train CONFIG` it trains
+    Runs on one process as is; under `torchrun --nproc_per_node N -m supernet.cli train CONFIG` it trains
     data-parallel."""
     from supernet.checkpoint import CheckpointError
     from supernet.training.config import load_train_config

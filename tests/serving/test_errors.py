@@ -206,24 +206,32 @@ def test_api_key(small_server):
     assert httpx.get(small_server.url + "/health").status_code == 200  # health stays open for probes
 
 
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
 def test_too_much_load_gets_429_then_recovers(small_server):
     client = OpenAI(base_url=small_server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    # Long generations (the whole 256-token context) keep both slots busy long enough to observe the full queue
+    # even on an idle machine where the tiny model decodes a token in a few milliseconds.
+    n_tokens = 240
     kw = dict(
-        model="tiny:all-gdn", prompt=PROMPT, max_tokens=100, temperature=0, extra_body={"ignore_eos": True}
+        model="tiny:all-gdn", prompt=PROMPT, max_tokens=n_tokens, temperature=0, extra_body={"ignore_eos": True}
     )
     engine = small_server.engine
     with cf.ThreadPoolExecutor(3) as pool:
         running = [pool.submit(lambda: client.completions.create(**kw)) for _ in range(2)]  # max_num_seqs=2
-        while len(engine.groups) < 2:
-            time.sleep(0.005)
+        wait_until(lambda: len(engine.groups) >= 2, "two running requests")
         queued = pool.submit(lambda: client.completions.create(**kw))  # fills the queue (max_queue=1)
-        while not engine.num_waiting:
-            time.sleep(0.005)
+        wait_until(lambda: engine.num_waiting >= 1, "a queued request")
         with pytest.raises(openai.RateLimitError) as err:
             client.completions.create(**kw)
         assert err.value.status_code == 429 and "retry later" in err.value.message
         for fut in running + [queued]:
-            assert fut.result().usage.completion_tokens == 100
+            assert fut.result().usage.completion_tokens == n_tokens
     good(client)
 
 
