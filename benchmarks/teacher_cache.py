@@ -1,6 +1,6 @@
 """Teacher cache vs teacher in the loop: time per stochastic-distillation step, side by side in one process.
 
-    python benchmarks/teacher_cache.py --model runs/demo-init     # the SmolLM2 supernet (README.md, "Training")
+    python benchmarks/teacher_cache.py --model runs/demo-init     # the SmolLM2 supernet (README.md, Training)
     python benchmarks/teacher_cache.py --tiny                     # a tiny random teacher, seconds
 
 Both modes run the same student forward + backward on the same rows and placements; they differ only in where

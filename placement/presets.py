@@ -49,7 +49,7 @@ def write_presets(path: str | Path, document: dict) -> Path:
     """Write the presets document atomically (see module docstring for the layout)."""
     path = Path(path)
     text = (
-        "# Written by `supernet place search`; see README.md, "Placements and presets". The server reads `default` and\n"
+        "# Written by `supernet place search`; see README.md (Placements and presets). The server reads `default` and\n"
         "# each preset's `name` and `placement` (supernet.placement syntax); the rest records where it\n"
         "# came from.\n"
     )

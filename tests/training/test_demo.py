@@ -48,7 +48,7 @@ def test_demo_all_fa_is_still_the_teacher(demo_and_teacher):
     "all-kda",
     pytest.param("all-swa", marks=pytest.mark.xfail(strict=True, reason=(
         "the shipped demo's tiny warm start (2-8 steps of 2 sequences per layer, lr 2e-3) left SWA slightly "
-        "further from the teacher than its transfer init (KL 0.0006 -> 0.0012 here); see README.md, "Training""))),
+        "further from the teacher than its transfer init (KL 0.0006 -> 0.0012 here); see README.md (Training)"))),
 ])
 @torch.inference_mode()
 def test_demo_placement_is_closer_to_the_teacher_than_transfer_init(demo_and_teacher, placement):
