@@ -10,7 +10,7 @@ memory traffic is that of distinct caches.
 Also printed: the bandwidth floor of each step = bytes the step must read (the weights it touches + every
 row's cache) / measured read bandwidth (torch sum over 1 GiB, same thread count), and step time / floor.
 
-    python benchmarks/bench_decode.py --model /tmp/sn_serve [--contexts 1024,8192,32768] [--batches 1,8]
+    python benchmarks/bench_decode.py --model runs/sn-serve [--contexts 1024,8192,32768] [--batches 1,8]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every client loops: pick the next preset (round-robin over /v1/models, so preset
 batches), stream a completion, check it ended with a finish_reason. At the end it reports errors, lost
 requests (started but never finished), latency and time-to-first-token percentiles, and tokens/s.
 
-    python benchmarks/load_test.py --model /tmp/sn_serve            # starts `supernet serve` itself
+    python benchmarks/load_test.py --model runs/sn-serve            # starts `supernet serve` itself
     python benchmarks/load_test.py --url http://127.0.0.1:8000      # or drives a running server
 """
 

@@ -36,14 +36,12 @@ def config_from_teacher(
     heads, kv_heads = tc.num_attention_heads, tc.num_key_value_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     bias = bool(getattr(tc, "attention_bias", False)) or tc.model_type == "qwen2"
-    if getattr(tc, "use_sliding_window", False) or (
-        tc.model_type == "mistral" and getattr(tc, "sliding_window", None)
-    ):
-        # FA must be the teacher's attention exactly; a windowed teacher is outside that contract.
-        if getattr(tc, "sliding_window", None) and tc.sliding_window < tc.max_position_embeddings:
-            raise ValueError(
-                f"teacher uses sliding_window={tc.sliding_window}; only full-attention teachers convert"
-            )
+    # FA must be the teacher's attention exactly, so a teacher that itself attends through a window cannot convert.
+    # Qwen2 says so with use_sliding_window; Mistral uses sliding_window whenever it is set.
+    teacher_window = getattr(tc, "sliding_window", None)
+    windowed = getattr(tc, "use_sliding_window", tc.model_type == "mistral")
+    if windowed and teacher_window and teacher_window < tc.max_position_embeddings:
+        raise ValueError(f"teacher uses sliding_window={teacher_window}; only full-attention teachers convert")
     rope = dict(
         getattr(tc, "rope_parameters", None)
         or {"rope_type": "default", "rope_theta": getattr(tc, "rope_theta", 10000.0)}

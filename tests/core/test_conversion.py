@@ -20,7 +20,7 @@ def test_all_fa_reproduces_teacher_logits(tie: bool, mode: str) -> None:
     assert diff <= 1e-4
 
 
-def test_every_placement_starts_near_the_teacher(tiny_teacher) -> None:
+def test_transfer_init_swa_is_exact_and_linear_mixers_run(tiny_teacher) -> None:
     """Transfer init: SWA (zero LoRA deltas) is exactly FA within its window; GDN/KDA run and stay finite."""
     model = build_from_teacher(tiny_teacher, window=64)
     ids = torch.randint(

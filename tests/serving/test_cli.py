@@ -139,4 +139,4 @@ def test_default_model_name():
     from serving.server import default_model_name
 
     assert default_model_name(supernet.DEMO_DIR) == "supernet-demo"
-    assert default_model_name("/tmp/sn_serve") == "sn_serve"
+    assert default_model_name("runs/sn_serve") == "sn_serve"
