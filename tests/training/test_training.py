@@ -124,7 +124,17 @@ def test_tiny_run_lowers_every_mixer_loss_and_blockwise_lowers_every_layer(tmp_p
 
 
 def test_torchrun_two_processes_match_one(tmp_path, tiny_supernet_dir):
-    """Same global batch on 1 and 2 gloo processes: the same loss trajectory and weights (tolerance 1e-4)."""
+    """Same global batch on 1 and 2 gloo processes: the same loss trajectory and the same weight updates.
+
+    Why these tolerances: the two runs differ only in float summation order (one batched backward vs two
+    half-batch backwards averaged by an all-reduce), so gradients agree to ~1e-7 relative. Losses are smooth
+    in the weights and keep that agreement (rel 1e-4). Single weights do not: AdamW divides each gradient
+    element by its own running RMS, so an element whose gradient is near zero moves by up to ~lr per step in a
+    direction set by rounding noise (seen: 1.1e-5 on one weight of thousands). An elementwise atol would be
+    either flaky or, set to lr x steps, meaningless. The well-posed check is on the update as a whole: the
+    difference between the two runs' weight changes must be tiny relative to the change training made
+    (<= 1e-3 in L2 per tensor). A real bug (gradients not averaged, rows split wrongly, a rank's mixer not
+    broadcast) makes that ratio O(1)."""
     runs = {}
     for world in (1, 2):
         cfg = tiny_config(
@@ -160,9 +170,17 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_supernet_dir):
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
-    p1, p2 = trainable(runs[1] / "final"), trainable(runs[2] / "final")
+    p0, p1, p2 = trainable(tiny_supernet_dir), trainable(runs[1] / "final"), trainable(runs[2] / "final")
+    moved = 0
     for name in p1:
-        torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-5)
+        update1, update2 = p1[name] - p0[name], p2[name] - p0[name]
+        scale = float(update1.norm())
+        if scale == 0.0:  # a tensor neither run trains must stay untouched in both
+            assert float(update2.norm()) == 0.0, name
+            continue
+        moved += 1
+        assert float((update2 - update1).norm()) <= 1e-3 * scale, name
+    assert moved > 0
 
 
 def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_supernet_dir):
