@@ -1,0 +1,46 @@
+"""What every endpoint shares, reached through ``request.app.state`` (set by ``create_app``): the engine, the
+server's settings, and the API-key check."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from serving.api.errors import APIError
+from serving.metrics import ServingMetrics
+from serving.types import EngineClient
+
+
+@dataclass
+class ServerSettings:
+    api_key: str | None = None
+    allow_custom_placement: bool = False
+    shutdown_timeout: float = 30.0
+
+
+def get_engine(request: Request) -> EngineClient:
+    return request.app.state.engine
+
+
+def get_settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> ServingMetrics | None:
+    return request.app.state.metrics
+
+
+async def check_api_key(request: Request) -> None:
+    """``Authorization: Bearer <key>`` when the server has a key (compared in constant time)."""
+    api_key = get_settings(request).api_key
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(
+            401,
+            "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
