@@ -226,8 +226,9 @@ def search_cmd(
     seed: int = 0,
 ) -> None:
     """Sample -> evaluate -> fit surrogate -> exact DP Pareto front -> measured presets, report and plot."""
+    from placement.constraints import InfeasibleError
     from placement.pipeline import search_pipeline, set_threads
-    from placement.search import InfeasibleError, SearchSettings
+    from placement.search import SearchSettings
     from supernet.checkpoint import CheckpointError
     from supernet.placement import PlacementError
 
@@ -279,11 +280,11 @@ def search_cmd(
     except (PlacementError, InfeasibleError, CheckpointError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     doc = outputs.document
-    typer.echo(f"wrote {outputs.presets_path} ({len(doc['presets'])} presets, default {doc['default']})")
-    for p in doc["presets"]:
+    typer.echo(f"wrote {outputs.presets_path} ({len(doc.presets)} presets, default {doc.default_name})")
+    for p in doc.presets:
         typer.echo(
-            f"  {p['name']:12} {p['speedup']:6.2f}x  quality {p['measured_quality']:+.4f} "
-            f"(predicted {p['predicted_quality']:+.4f})  {p['placement']}"
+            f"  {p.name:12} {p.speedup or 1.0:6.2f}x  quality {p.measured_quality or 0.0:+.4f} "
+            f"(predicted {p.predicted_quality or 0.0:+.4f})  {p.placement}"
         )
     if outputs.report_path:
         typer.echo(f"report: {outputs.report_path}")

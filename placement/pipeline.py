@@ -6,13 +6,15 @@ import json
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from placement.constraints import Constraints, InfeasibleError, parse_allowed
 from placement.cost import CostModel, analytic_cost_model, measure_cost_model, parse_cost_model_name
+from placement.dp import dp_front
 from placement.evaluate import (
     CORE_METRICS,
     EvalSettings,
@@ -21,19 +23,14 @@ from placement.evaluate import (
     corpus_data_factory,
     parse_quality,
 )
-from placement.presets import mixer_counts, plot_front, preset_name, write_presets, write_report
-from placement.search import (
-    Constraints,
-    InfeasibleError,
-    SearchSettings,
-    dp_front,
-    parse_allowed,
-    run_search,
-)
+from placement.presets import mixer_counts, preset_name, save_presets
+from placement.report import plot_front, write_report, write_search_json
+from placement.search import SearchResult, SearchSettings, run_search
 from placement.store import ResultStore, checkpoint_hash, default_db_path
 from placement.surrogate import QualityTables
 from supernet.config import MIXER_NAMES, SupernetConfig
 from supernet.placement import format_placement, parse_placement
+from supernet.presets import CostInfo, PresetEntry, PresetsFile, QualityInfo
 
 
 def set_threads(threads: int = 0) -> int:
@@ -149,8 +146,8 @@ def check_feasible(cm: CostModel, constraints: Constraints, max_cost: float | No
 
 @dataclass
 class SearchOutputs:
-    document: dict
-    result: object
+    document: PresetsFile
+    result: SearchResult
     presets_path: Path
     report_path: Path | None
     plot_path: Path | None
@@ -245,59 +242,48 @@ def search_pipeline(
         # every preset gets every core metric (KL too), measured
         all_metrics = list(dict.fromkeys([*CORE_METRICS, *metrics]))
         taken: set[str] = set()
-        entries = []
-        for pr in sorted(result.presets, key=lambda x: cm.cost(x["placement"]), reverse=True):
-            p = pr["placement"]
+        entries: list[PresetEntry] = []
+        for pr in sorted(result.presets, key=lambda x: cm.cost(x.placement), reverse=True):
+            p = pr.placement
             values = ev.evaluate(p, all_metrics)
             speed = cm.speedup(p)
             entries.append(
-                {
-                    "name": preset_name(p, speed, taken),
-                    "placement": format_placement(p),
-                    "predicted_quality": round(float(pr["predicted_quality"]), 5),
-                    "measured_quality": round(float(pr["measured_quality"]), 5),
-                    "source": pr.get("source", "dp"),
-                    "metrics": {k: round(float(v), 5) for k, v in values.items()},
-                    "needle_acc_by_length": ev.needle_by_length(p),
-                    "cost": float(f"{cm.cost(p):.6g}"),
-                    "speedup": round(speed, 3),
-                    "kv_bytes_per_seq": cm.kv_bytes_per_seq(p),
-                    "mixers": mixer_counts(p),
-                }
+                PresetEntry(
+                    name=preset_name(p, speed, taken),
+                    placement=format_placement(p),
+                    predicted_quality=round(float(pr.predicted_quality), 5),
+                    measured_quality=round(float(pr.measured_quality), 5),
+                    source=pr.source,
+                    metrics={k: round(float(v), 5) for k, v in values.items()},
+                    needle_acc_by_length=ev.needle_by_length(p),
+                    cost=float(f"{cm.cost(p):.6g}"),
+                    speedup=round(speed, 3),
+                    kv_bytes_per_seq=int(cm.kv_bytes_per_seq(p)),
+                    mixers=mixer_counts(p),
+                )
             )
         bar("done", 0, 0)
         elapsed = time.time() - t0
-        default = (
-            "all-fa"
-            if any(e["name"] == "all-fa" for e in entries)
-            else max(entries, key=lambda e: e["measured_quality"])["name"]
+        names = [e.name for e in entries]
+        default = "all-fa" if "all-fa" in names else max(entries, key=lambda e: e.measured_quality or 0.0).name
+        document = PresetsFile(
+            default=default,
+            cost=CostInfo(context=context, batch=batch, device=cm.device, model=cm.model),
+            quality=QualityInfo(weights=weights, eval=es.describe(), checkpoint=ckpt, model_dir=model_dir.name),
+            presets=entries,
         )
-        document = {
-            "default": default,
-            "cost": {"context": context, "batch": batch, "device": cm.device, "model": cm.model},
-            "quality": {
-                "weights": weights,
-                "eval": es.describe(),
-                "checkpoint": ckpt,
-                "model_dir": model_dir.name,
-            },
-            "presets": entries,
-        }
-        presets_path = write_presets(presets_out, document)
+        presets_path = save_presets(presets_out, document)
         report_path = plot_path = None
         if report_dir is not None:
             report_dir = Path(report_dir)
-            speed = lambda p: cm.speedup(p)  # noqa: E731
-            front_pts = [(cm.speedup(f.placement), f.value) for f in result.front]
-            for e in entries:
-                e["_placement"] = parse_placement(e["placement"], L)
+            placements = {e.name: parse_placement(e.placement, L) for e in entries}
             plot_path = plot_front(
                 report_dir / "pareto.png",
                 result.evaluated,
                 result.baseline,
-                front_pts,
+                [(cm.speedup(f.placement), f.value) for f in result.front],
                 entries,
-                speed,
+                cm.speedup,
                 f"{model_dir.name}: quality vs speed-up ({cm.model}, context {context}, batch {batch})",
             )
             measured = None
@@ -305,9 +291,7 @@ def search_pipeline(
                 cpu = make_cost_model(
                     "measured", config, context, batch, model=model, store=store, prefill_context=1024
                 )
-                measured = {e["name"]: cpu.speedup(e["_placement"]) for e in entries}
-            for e in entries:
-                e.pop("_placement")
+                measured = {name: cpu.speedup(p) for name, p in placements.items()}
             settings_text = ([f"note: {note}"] if note else []) + [
                 f"checkpoint: `{model_dir.name}` (hash {ckpt})",
                 f"cost model: {cm.describe()}; per-layer mixer cost relative to FA: "
@@ -337,21 +321,7 @@ def search_pipeline(
                 plot_name=plot_path.name,
                 measured_speedups=measured,
             )
-            (report_dir / "search.json").write_text(
-                json.dumps(
-                    {
-                        "evaluated": {format_placement(p): q for p, q in result.evaluated.items()},
-                        "random_baseline": {format_placement(p): q for p, q in result.baseline.items()},
-                        "cv": result.cv,
-                        "held_out": result.held_out,
-                        "comparison": result.comparison,
-                        "settings": {"eval": asdict(es), "search": asdict(ss)},
-                    },
-                    indent=1,
-                    default=str,
-                )
-                + "\n"
-            )
+            write_search_json(report_dir / "search.json", result, es, ss)
         return SearchOutputs(document, result, presets_path, report_path, plot_path, ev)
     finally:
         store.close()

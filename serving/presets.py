@@ -1,13 +1,8 @@
 """Presets: named placements a client picks by model id (``<model>:<preset>``).
 
-The placement optimiser (placement/) writes ``presets.yaml`` next to the checkpoint; the server reads only
-``default`` and each preset's ``name`` and ``placement`` from it and ignores the other keys (predicted
-quality, speed-up, ...), so the optimiser can add fields freely::
-
-    default: all-fa
-    presets:
-      - name: all-fa
-        placement: "fa*30"        # any spec supernet.placement.parse_placement accepts
+The placement optimiser (placement/) writes ``presets.yaml`` next to the checkpoint in the format of
+``supernet.presets`` (the one schema both sides use); the server takes ``default`` and each preset's ``name``
+and ``placement`` from it and checks every placement against the model's depth at start-up.
 
 Without that file the server uses BUILTIN_PRESETS: one preset per mixer plus interleaved hybrids in the style
 of Qwen3-Next (one FA layer in every four) -- names that mean the same thing on every depth of model.
@@ -19,11 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from supernet.placement import Placement, PlacementError, format_placement, parse_placement
-
-PRESETS_FILE = "presets.yaml"
+from supernet.presets import PRESETS_FILE, PresetsFileError, read_presets
 
 # name -> placement spec; the first entry is the default.
 BUILTIN_PRESETS: dict[str, str] = {
@@ -101,22 +93,12 @@ def builtin_presets(num_layers: int) -> PresetTable:
 
 
 def load_presets_file(path: str | Path, num_layers: int) -> PresetTable:
-    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise PresetError(f"{path}: invalid YAML ({err})") from err
-    if not isinstance(data, dict) or not isinstance(data.get("presets"), list):
-        raise PresetError(f"{path}: expected a mapping with a 'presets' list")
-    items = []
-    for i, entry in enumerate(data["presets"]):
-        if not isinstance(entry, dict) or "name" not in entry or "placement" not in entry:
-            raise PresetError(f"{path}: presets[{i}] needs 'name' and 'placement'")
-        placement = entry["placement"]
-        if isinstance(placement, list):  # a YAML list of mixer names is accepted too
-            placement = ",".join(map(str, placement))
-        items.append((str(entry["name"]), str(placement)))
-    return table_from_specs(items, num_layers, default=data.get("default"), source=str(path))
+        doc = read_presets(path)
+    except PresetsFileError as err:
+        raise PresetError(str(err)) from None
+    items = [(p.name, p.placement) for p in doc.presets]
+    return table_from_specs(items, num_layers, default=doc.default_name, source=str(path))
 
 
 def load_presets(model_dir: str | Path | None, num_layers: int) -> PresetTable:

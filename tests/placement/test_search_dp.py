@@ -8,18 +8,10 @@ import itertools
 import numpy as np
 import pytest
 
-from placement.search import (
-    Constraints,
-    InfeasibleError,
-    SearchSettings,
-    beam_search,
-    best_under_budget,
-    brute_force_front,
-    dp_front,
-    parse_allowed,
-    random_placement,
-    run_search,
-)
+from placement.baselines import beam_search, random_placement
+from placement.constraints import Constraints, InfeasibleError, parse_allowed
+from placement.dp import best_under_budget, brute_force_front, dp_front
+from placement.search import PresetPick, SearchSettings, run_search, verify_presets
 from placement.surrogate import QualityTables, Surrogate, cross_validate, rank_scores
 from supernet.config import MIXER_NAMES
 from supernet.placement import PlacementError
@@ -170,15 +162,15 @@ def test_search_loop_beats_random_at_equal_budget_and_is_deterministic():
     )
     result = run_search(evaluate, costs, 0.5, Constraints(L), settings)
     assert len(calls) == len(set(calls))  # never evaluates a placement twice
-    assert len(result.presets) == 5 and result.presets[0]["placement"] == ("fa",) * L
+    assert len(result.presets) == 5 and result.presets[0].placement == ("fa",) * L
     comp = result.comparison
     assert comp["evaluations"] == len(result.baseline) == len(result.evaluated)
     assert comp["guided_mean"] > comp["random_mean"]
     for p in result.presets:
-        assert p["measured_quality"] == pytest.approx(truth.value(p["placement"]))
+        assert p.measured_quality == pytest.approx(truth.value(p.placement))
     again = run_search(truth.value, costs, 0.5, Constraints(L), settings)
     assert list(again.evaluated) == list(result.evaluated)
-    assert [p["placement"] for p in again.presets] == [p["placement"] for p in result.presets]
+    assert [p.placement for p in again.presets] == [p.placement for p in result.presets]
 
 
 def test_random_placements_respect_constraints():
@@ -192,17 +184,14 @@ def test_random_placements_respect_constraints():
 def test_presets_are_a_measured_front():
     """A measured placement that beats the DP pick in its speed band replaces it; a preset beaten by a faster
     one is dropped; all-FA always stays."""
-    from placement.search import verify_presets
-
     L = 4
     costs = {"fa": 1.0, "swa": 0.25, "gdn": 0.2, "kda": 0.2}
     cost = lambda p: sum(costs[m] for m in p)  # noqa: E731
     fa, pick2, better2, pick3, pick4 = ("fa",) * 4, ("fa", "fa", "swa", "swa"), ("swa", "fa", "fa", "swa"), \
         ("fa", "swa", "swa", "swa"), ("gdn",) * 4
     measured = {fa: 0.0, pick2: -1.0, better2: -0.5, pick3: -2.0, pick4: -1.5}
-    presets = [{"placement": p, "target_speedup": t, "predicted_quality": 0.0, "measured_quality": measured[p]}
-               for p, t in ((fa, 1.0), (pick2, 1.6), (pick3, 2.2), (pick4, 4.0))]
+    presets = [PresetPick(p, t, 0.0, measured[p]) for p, t in ((fa, 1.0), (pick2, 1.6), (pick3, 2.2), (pick4, 4.0))]
     sur = Surrogate(L, 1).fit(list(measured), list(measured.values()))
     out = verify_presets(presets, measured, sur, cost, cost(fa), Constraints(L), None, None)
-    assert [p["placement"] for p in out] == [fa, better2, pick4]  # pick3 (2.3x, -2.0) loses to pick4 (5x, -1.5)
-    assert [p["source"] for p in out] == ["dp", "measured", "dp"]
+    assert [p.placement for p in out] == [fa, better2, pick4]  # pick3 (2.3x, -2.0) loses to pick4 (5x, -1.5)
+    assert [p.source for p in out] == ["dp", "measured", "dp"]
