@@ -79,20 +79,30 @@ class LossConfig:
 
 @dataclass
 class BlockwiseConfig:
-    # The warm start: each layer's non-FA mixers learn to reproduce the teacher's attention output from the
-    # teacher's own layer input (layers independent, no backprop through the model). 0 steps skips it.
-    steps: int = 0  # optimiser steps per layer
+    # The warm start (supernet/training/warmstart.py): each layer's non-FA mixers learn to reproduce the
+    # teacher's attention output from the teacher's own layer input (layers independent, no backprop through
+    # the model), on chunks of sequences the teacher runs over once and that stay in memory, until a held-out
+    # error stops improving. 0 steps skips it.
+    steps: int = 0  # cap on optimiser steps per (layer, mixer); early stopping usually ends it sooner
     batch_size: int = 8  # sequences per step
     lr: float = 1e-3
     mixers: list[str] = field(default_factory=lambda: ["swa", "gdn", "kda"])
+    chunk_sequences: int = 32  # training sequences per teacher chunk (held in RAM: ~140 KB per token, fp32)
+    steps_per_chunk: int = 16  # steps per (layer, mixer) on each chunk, followed by a held-out evaluation
+    val_sequences: int = 4  # held-out sequences (from data.val) the early stopping scores
+    patience: int = 2  # evaluations without a relative improvement of min_delta before a plateau is called
+    min_delta: float = 0.01
+    lr_drops: int = 1  # plateaus answered by cutting the lr (x lr_drop_factor) before stopping
+    lr_drop_factor: float = 0.3
 
 
 @dataclass
 class TeacherCacheConfig:
+    # For the stochastic stage only (the warm start streams its own chunks).
     # True: run the teacher once over the training data and stream what the losses need from disk
-    # (memory-mapped): top-k logits (fp16) and every layer's attention output (fp16; plus inputs when
-    # `blockwise.steps` > 0).
-    # False: run the teacher inside the loop every step (the slow path the cache is measured against).
+    # (memory-mapped): top-k logits (fp16) and every layer's attention output (fp16): ~35 KB per token.
+    # False: run the teacher inside the loop every step: no disk, one teacher forward per step (~20% of a
+    # step on a CPU), the choice for token budgets whose cache would not fit on disk.
     enabled: bool = True
     dir: str | None = None  # default: <run.out>/teacher_cache
     batch_size: int = 8  # sequences per teacher forward while filling the cache
@@ -166,6 +176,13 @@ class TrainConfig:
             raise ValueError(f"data.val_fraction={self.data.val_fraction}: must be in (0, 1)")
         if self.loss.temperature <= 0 or self.loss.topk < 1:
             raise ValueError("loss.temperature must be > 0 and loss.topk >= 1")
+        b = self.blockwise
+        if min(b.chunk_sequences, b.steps_per_chunk, b.val_sequences, b.patience) < 1 or not 0 < b.lr_drop_factor < 1:
+            raise ValueError(
+                "blockwise: chunk_sequences, steps_per_chunk, val_sequences and patience must be >= 1 and "
+                f"lr_drop_factor in (0, 1) (got {b.chunk_sequences}, {b.steps_per_chunk}, {b.val_sequences}, "
+                f"{b.patience}, {b.lr_drop_factor})"
+            )
         if min(self.optim.batch_size, self.optim.grad_accum, self.blockwise.batch_size) < 1:
             raise ValueError("batch sizes and grad_accum must be >= 1")
         total = sum(float(p.get("prob", 0)) for p in self.sampling.presets)

@@ -288,3 +288,17 @@ def tokenize_file(
     if len(packed) == 0:
         raise DataError(f"{source}: fewer than {seq_len} tokens; lower --seq-len")
     return packed
+
+
+def batch_rows(n: int, seed: int, step: int, micro: int, batch: int, accum: int) -> np.ndarray:
+    """Global row indices of micro-batch ``micro`` of step ``step``: consecutive slices of per-epoch
+    permutations."""
+    start = (step * accum + micro) * batch
+    positions = np.arange(start, start + batch)
+    epochs = positions // n
+    rows = np.empty(batch, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        sel = epochs == epoch
+        rows[sel] = perm[positions[sel] % n]
+    return rows

@@ -89,10 +89,13 @@ def save_training_state(
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     keep_last: int = 2,
+    tag: str = "",
 ) -> Path:
+    """Write one checkpoint atomically. ``tag`` distinguishes checkpoints of the same step (the warm start's
+    chunks, all at step 0): names sort in training order, so a new one never replaces an old one in place."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
+    name = f"step-{step:06d}" + (f"-{tag}" if tag else "")
     tmp = ckpt_root / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -13,7 +13,8 @@ a batch reads only its own rows):
     topk_idx.i32        [N, T, k]  their token ids
     rest.f32            [N, T]     log-mass of all other tokens
     out_{layer}.f16     [N, T, H]  attention output per layer (activation matching)
-    in_{layer}.f16      [N, T, H]  attention input per layer (only when the blockwise warm start needs it)
+
+The warm start does not read this cache: it streams its own chunks (warmstart.py).
 """
 
 from __future__ import annotations
@@ -36,18 +37,13 @@ class Targets:
     idx: Tensor  # [B, T, k] int32
     rest: Tensor  # [B, T] fp32
     outs: list[Tensor]  # per layer [B, T, H]
-    ins: list[Tensor] | None = None
 
 
 @torch.no_grad()
-def run_teacher(
-    teacher: SupernetForCausalLM, ids: Tensor, k: int, temperature: float, with_inputs: bool = False
-) -> Targets:
+def run_teacher(teacher: SupernetForCausalLM, ids: Tensor, k: int, temperature: float) -> Targets:
     out = teacher(ids, "all-fa", return_mixer_io=True)
     top, idx, rest = teacher_topk(out.logits, k, temperature)
-    outs = [o.detach() for _, o in out.mixer_io]
-    ins = [h.detach() for h, _ in out.mixer_io] if with_inputs else None
-    return Targets(top, idx, rest, outs, ins)
+    return Targets(top, idx, rest, [o.detach() for _, o in out.mixer_io])
 
 
 class TeacherInLoop:
@@ -57,8 +53,8 @@ class TeacherInLoop:
     def __init__(self, teacher: SupernetForCausalLM, k: int, temperature: float) -> None:
         self.teacher, self.k, self.temperature = teacher, k, temperature
 
-    def get(self, rows: np.ndarray, ids: Tensor, with_inputs: bool = False) -> Targets:
-        return run_teacher(self.teacher, ids, self.k, self.temperature, with_inputs)
+    def get(self, rows: np.ndarray, ids: Tensor) -> Targets:
+        return run_teacher(self.teacher, ids, self.k, self.temperature)
 
 
 class TeacherCache:
@@ -74,11 +70,6 @@ class TeacherCache:
         self.rest = mm("rest.f32", np.float32, (n, t))
         layers = self.meta["layers"]
         self.outs = [mm(f"out_{i}.f16", np.float16, (n, t, h)) for i in range(layers)]
-        self.ins = (
-            [mm(f"in_{i}.f16", np.float16, (n, t, h)) for i in range(layers)]
-            if self.meta["with_inputs"]
-            else None
-        )
 
     @staticmethod
     def is_valid(directory: str | Path, fingerprint: str) -> bool:
@@ -95,7 +86,6 @@ class TeacherCache:
         *,
         k: int,
         temperature: float,
-        with_inputs: bool,
         batch_size: int,
         fingerprint: str,
         progress: bool = False,
@@ -115,13 +105,10 @@ class TeacherCache:
             mm("rest.f32", np.float32, (n, t)),
         )
         outs = [mm(f"out_{i}.f16", np.float16, (n, t, h)) for i in range(layers)]
-        ins = [mm(f"in_{i}.f16", np.float16, (n, t, h)) for i in range(layers)] if with_inputs else []
         device = teacher.embed_tokens.weight.device
         for start in tqdm(range(0, n, batch_size), desc="teacher cache", disable=not progress, unit="batch"):
             end = min(n, start + batch_size)
-            tg = run_teacher(
-                teacher, torch.from_numpy(data[start:end]).long().to(device), k, temperature, with_inputs
-            )
+            tg = run_teacher(teacher, torch.from_numpy(data[start:end]).long().to(device), k, temperature)
             top[start:end], idx[start:end], rest[start:end] = (
                 tg.top.cpu().numpy(),
                 tg.idx.cpu().numpy(),
@@ -129,11 +116,9 @@ class TeacherCache:
             )
             for i in range(layers):
                 outs[i][start:end] = tg.outs[i].cpu().half().numpy()
-                if with_inputs:
-                    ins[i][start:end] = tg.ins[i].cpu().half().numpy()
-        for arr in (top, idx, rest, *outs, *ins):
+        for arr in (top, idx, rest, *outs):
             arr.flush()
-        del top, idx, rest, outs, ins
+        del top, idx, rest, outs
         meta = {
             "fingerprint": fingerprint,
             "n": n,
@@ -142,23 +127,17 @@ class TeacherCache:
             "hidden": h,
             "layers": layers,
             "temperature": temperature,
-            "with_inputs": with_inputs,
         }
         tmp = directory / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2))
         tmp.replace(directory / "meta.json")
         return cls(directory)
 
-    def get(self, rows: np.ndarray, ids: Tensor | None = None, with_inputs: bool = False) -> Targets:
+    def get(self, rows: np.ndarray, ids: Tensor | None = None) -> Targets:
         rows = np.asarray(rows)
         order = np.argsort(rows)  # memmap reads in file order, then put back in batch order
         inverse = np.argsort(order)
         sorted_rows = rows[order]
         take = lambda arr: torch.from_numpy(np.ascontiguousarray(arr[sorted_rows])[inverse])  # noqa: E731
         outs = [take(o).float() for o in self.outs]
-        ins = [take(x).float() for x in self.ins] if with_inputs and self.ins is not None else None
-        if with_inputs and ins is None:
-            raise ValueError(
-                f"{self.dir}: this teacher cache holds no layer inputs (built without blockwise)"
-            )
-        return Targets(take(self.top), take(self.idx), take(self.rest), outs, ins)
+        return Targets(take(self.top), take(self.idx), take(self.rest), outs)

@@ -1,10 +1,8 @@
-"""``supernet train``: blockwise warm start, then stochastic distillation, on one process or under
-``torchrun``.
+"""``supernet train``: warm start, then stochastic distillation, on one process or under ``torchrun``.
 
-Stage 1 (blockwise, optional): every layer's non-FA mixers learn to reproduce the teacher's attention output
-from the teacher's own layer input, read from the teacher cache. Layers are independent (no backprop through
-the model), so under torchrun each rank takes every world-th layer and the trained mixers are broadcast from
-their owner.
+Stage 1 (warm start, warmstart.py, optional): every layer's non-FA mixers learn to reproduce the teacher's
+attention output from the teacher's own layer input, on chunks the teacher streams through memory, each
+(layer, mixer) until its held-out error stops improving.
 
 Stage 2 (stochastic): each step draws a placement per sequence (see sampling.py), runs the student on it, and
 minimises a weighted sum of per-layer activation matching, top-k logit KL (forward/reverse) and next-token CE.
@@ -21,26 +19,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from supernet.checkpoint import CheckpointError, load_supernet, save_supernet
 from supernet.config import MIXER_NAMES
-from supernet.mixers import MixerContext
 from supernet.model import SupernetForCausalLM
 from supernet.training.config import TrainConfig, config_fingerprint
-from supernet.training.data import PackedData, prepare_data
+from supernet.training.data import PackedData, batch_rows, prepare_data
+from supernet.training.distributed import Dist, init_distributed
 from supernet.training.losses import activation_loss, next_token_ce, topk_kl
 from supernet.training.sampling import PlacementSampler
 from supernet.training.state import (
@@ -50,43 +45,6 @@ from supernet.training.state import (
     save_training_state,
 )
 from supernet.training.teacher_cache import TeacherCache, TeacherInLoop
-
-# ------------------------------------------------------------------------------------------ distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def mean(self, values: Tensor) -> Tensor:
-        if self.world > 1:
-            values = values.clone()
-            dist.all_reduce(values)
-            values /= self.world
-        return values
-
-
-def init_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK; gloo on CPU, nccl when every rank has a GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return Dist(dist.get_rank(), dist.get_world_size())
-
 
 # ------------------------------------------------------------------------------------------ model set-up
 
@@ -139,20 +97,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         return o.lr
     progress = min(1.0, (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps))
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def batch_rows(n: int, seed: int, step: int, micro: int, batch: int, accum: int) -> np.ndarray:
-    """Global row indices of micro-batch ``micro`` of step ``step``: consecutive slices of per-epoch
-    permutations."""
-    start = (step * accum + micro) * batch
-    positions = np.arange(start, start + batch)
-    epochs = positions // n
-    rows = np.empty(batch, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
-        sel = epochs == epoch
-        rows[sel] = perm[positions[sel] % n]
-    return rows
 
 
 # ------------------------------------------------------------------------------------------ the step
@@ -268,7 +212,6 @@ class Trainer:
             self.model.config.to_dict(),
             self.cfg.loss.topk,
             self.cfg.loss.temperature,
-            self.cfg.blockwise.steps > 0,
             self.cfg.model.checkpoint,
         )
 
@@ -286,7 +229,6 @@ class Trainer:
                 self.data.train,
                 k=self.cfg.loss.topk,
                 temperature=self.cfg.loss.temperature,
-                with_inputs=self.cfg.blockwise.steps > 0,
                 batch_size=tc.batch_size,
                 fingerprint=fp,
                 progress=self.cfg.run.progress,
@@ -299,15 +241,24 @@ class Trainer:
         self.d.barrier()
         return TeacherCache(directory)
 
-    def save(self, step: int, optimizer, phase: str, extra: dict[str, Any] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        optimizer,
+        phase: str,
+        extra: dict[str, Any] | None = None,
+        extra_tensors: dict[str, Tensor] | None = None,
+        tag: str = "",
+    ) -> None:
         if self.d.main:
             save_training_state(
                 self.out,
                 step,
-                {n: p for n, p in self.params.items()},
+                {**{n: p for n, p in self.params.items()}, **(extra_tensors or {})},
                 optimizer,
                 {"phase": phase, "fingerprint": self.fingerprint(), **(extra or {})},
                 keep_last=self.cfg.run.keep_last,
+                tag=tag,
             )
         self.d.barrier()
 
@@ -333,6 +284,7 @@ class Trainer:
                     p.copy_(params[name])
             torch.set_rng_state(rng)
             state["optimizer_tensors"] = optim
+            state["extra_tensors"] = {n: t for n, t in params.items() if n not in self.params}
             state["directory"] = str(directory)
             return state
         return None
@@ -343,116 +295,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ stage 1
 
-    def blockwise(self, source: TeacherCache, start_layer: int = 0) -> None:
-        bc = self.cfg.blockwise
-        cfg_model = self.model.config
-        n, t = self.data.train.shape
-        device = self.model.embed_tokens.weight.device
-        positions = torch.arange(t, device=device).expand(bc.batch_size, t)
-        cos, sin = self.model.rotary(positions)
-        ctx = MixerContext(positions, cos, sin)
-        probe = np.arange(
-            min(n, bc.batch_size)
-        )  # fixed rows on which each layer's loss is reported before/after
-        layers = cfg_model.num_hidden_layers
-        rounds = range(start_layer, layers, self.d.world)
-        for first in rounds:
-            i = first + self.d.rank
-            if i < layers:
-                self._blockwise_layer(i, source, ctx, probe, n)
-            if self.d.world > 1:  # every rank gets the layers trained elsewhere in this round
-                for j in range(first, min(first + self.d.world, layers)):
-                    for p in self.model.layers[j].mixers.parameters():
-                        if p.requires_grad:
-                            dist.broadcast(p.data, src=j - first)
-            records = [self._blockwise_records]
-            if self.d.world > 1:
-                records = [None] * self.d.world
-                dist.all_gather_object(records, self._blockwise_records)
-            for r in sorted((r for rank_records in records for r in rank_records), key=lambda r: r["layer"]):
-                self.log(r)
-            self._blockwise_records = []
-            self.save(0, None, "blockwise", {"layers_done": min(first + self.d.world, layers)})
+    def warm_start(self, state: dict[str, Any] | None) -> None:
+        """The chunked, early-stopped warm start (warmstart.py), resumed from ``state`` when it is one of its
+        checkpoints."""
+        from supernet.training.warmstart import WarmStart, progress_table
 
-    def _blockwise_layer(
-        self, i: int, source: TeacherCache, ctx: MixerContext, probe: np.ndarray, n: int
-    ) -> None:
-        bc = self.cfg.blockwise
-        layer = self.model.layers[i]
-        rng = np.random.default_rng([self.cfg.run.seed, 7, i])
-
-        def read(rows: np.ndarray) -> tuple[Tensor, Tensor]:
-            rows = np.sort(rows)  # memmap rows in file order
-            return (torch.from_numpy(np.ascontiguousarray(source.ins[i][rows])).float(),
-                    torch.from_numpy(np.ascontiguousarray(source.outs[i][rows])).float())
-
-        h_probe, t_probe = read(probe)
-        pctx = ctx.rows(torch.arange(len(probe)))
-        for name in bc.mixers:
-            mixer = layer.mixers[name]
-            params = [p for p in mixer.parameters() if p.requires_grad]
-            if not params:
-                continue
-            optimizer = torch.optim.AdamW(
-                params, lr=bc.lr, betas=tuple(self.cfg.optim.betas), weight_decay=0.0
-            )
-            with torch.no_grad():
-                y = mixer(h_probe, layer.attn, pctx, None)
-                before = float(activation_loss(y, t_probe).mean())
-                if hasattr(mixer, "norm_weight"):
-                    # GDN/KDA outputs come out of an RMSNorm at unit scale, far from the attention's: one
-                    # least-squares scale <y, t> / <y, y> (the output is linear in the norm weight) removes
-                    # most of the initial error before any gradient step (REFERENCE.md: the biggest win).
-                    scale = float((y * t_probe).sum() / y.square().sum().clamp_min(1e-12))
-                    if scale > 0:
-                        mixer.norm_weight.mul_(scale)
-            t0 = time.perf_counter()
-            for step in range(bc.steps):
-                for group in optimizer.param_groups:  # cosine to 10% within the layer
-                    group["lr"] = bc.lr * (
-                        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, bc.steps)))
-                    )
-                h, target = read(rng.choice(n, size=bc.batch_size, replace=n < bc.batch_size))
-                loss = activation_loss(mixer(h, layer.attn, ctx, None), target).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or float("inf"))
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # no stale gradient may leak into the stochastic stage
-            with torch.no_grad():
-                after = float(activation_loss(mixer(h_probe, layer.attn, pctx, None), t_probe).mean())
-            record = {
-                "phase": "blockwise",
-                "layer": i,
-                "mixer": name,
-                "loss_before": before,
-                "loss_after": after,
-                "seconds": time.perf_counter() - t0,
-            }
-            self._blockwise_records.append(record)
-            if self.cfg.run.progress:
-                print(
-                    f"blockwise layer {i:2d} {name}: activation loss {before:.4f} -> {after:.4f} "
-                    f"({record['seconds']:.0f} s)",
-                    flush=True,
-                )
+        warm = WarmStart(self)
+        if state is not None:
+            warm.restore(state["extra_tensors"], state)
+        progress = warm.run()
+        if self.cfg.run.progress and self.d.main:
+            print(progress_table(progress), flush=True)
 
     # ------------------------------------------------------------------ stage 2
 
     def train(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.d
         state = self.restore() if self.resume else None
-        source = self.targets_source()
-        self._blockwise_records: list[dict[str, Any]] = []
         start_step = 0
         if state is None or state["phase"] == "blockwise":
-            done = 0 if state is None else int(state.get("layers_done", 0))
-            if cfg.blockwise.steps > 0 and done < self.model.config.num_hidden_layers:
-                if not isinstance(source, TeacherCache):
-                    raise ValueError(
-                        "blockwise.steps > 0 needs teacher_cache.enabled (it reads the layer inputs)"
-                    )
-                self.blockwise(source, start_layer=done)
+            if cfg.blockwise.steps > 0:
+                self.warm_start(state)
             state = None
         else:
             start_step = int(state["step"])
@@ -462,6 +325,7 @@ class Trainer:
             raise ValueError(
                 f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {d.world} ranks"
             )
+        source = self.targets_source()
         params = list(self.params.values())
         optimizer = self.make_optimizer(params, cfg.optim.lr)
         if state is not None and state.get("optimizer_tensors") is not None:
@@ -603,4 +467,4 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             trainer.tb.close()
 
 
-__all__ = ["PackedData", "Trainer", "batch_rows", "lr_at", "train"]
+__all__ = ["PackedData", "Trainer", "lr_at", "train"]
