@@ -100,7 +100,9 @@ def eval_cmd(
             fail(f"--mc {p}: file not found")
     try:
         layers = SupernetConfig.load(model).num_hidden_layers
-        specs = [parse_placement(p, layers) for p in placement]
+        from supernet.presets import resolve_placement
+
+        specs = [parse_placement(resolve_placement(p, model), layers) for p in placement]
         opened = open_checkpoint(model)
     except (PlacementError, CheckpointError, FileNotFoundError, ValueError) as err:
         fail(str(err))

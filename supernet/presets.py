@@ -131,3 +131,17 @@ def write_presets(path: str | Path, document: PresetsFile, header: str = "") -> 
         os.fsync(fh.fileno())
     tmp.replace(path)
     return path
+
+
+def preset_placements(model_dir: str | Path) -> dict[str, str]:
+    """``{preset name: placement spec}`` from the presets.yaml beside a checkpoint ({} when it has none)."""
+    path = Path(model_dir) / PRESETS_FILE
+    if not path.is_file():
+        return {}
+    return {p.name: p.placement for p in read_presets(path).presets}
+
+
+def resolve_placement(spec: str, model_dir: str | Path) -> str:
+    """A preset name of the checkpoint (``fast-3.5x``) becomes its placement; anything else is returned as
+    is, to be parsed as placement syntax (so names and specs work alike on the command line)."""
+    return preset_placements(model_dir).get(spec, spec)

@@ -65,7 +65,7 @@ def eval_command(
         str, typer.Option(help="held-out text: a .txt/.jsonl/.parquet file, a folder, or 'demo'")
     ],
     placement: Annotated[
-        list[str], typer.Option(help="placement(s) to score; repeat the option for several")
+        list[str], typer.Option(help="placement(s) or the model's preset names to score; repeat for several")
     ],
     teacher: Annotated[
         str | None,
@@ -93,9 +93,12 @@ def eval_command(
     if seq_len < 2 or max_tokens < seq_len or batch_size < 1:
         _fail(f"--seq-len {seq_len} must be >= 2, --max-tokens {max_tokens} >= it, "
               f"--batch-size {batch_size} >= 1")
+    from supernet.presets import resolve_placement
+
     try:
         net = load_supernet(model)
-        for p in placement:
+        placement = {p: resolve_placement(p, model) for p in placement}  # preset names -> their placements
+        for p in placement.values():
             net.placement(p)
         tokenizer = AutoTokenizer.from_pretrained(model)
         ids = torch.from_numpy(tokenize_file(data, tokenizer, seq_len, max_tokens, text_field)).long()
@@ -111,11 +114,12 @@ def eval_command(
         except (OSError, ValueError) as err:
             _fail(f"cannot load teacher {spec!r}: {err}")
         teacher_fn, label = hf_teacher_fn(hf), spec
-    results = evaluate_placements(
-        net, ids, placement, teacher=teacher_fn, batch_size=batch_size, include_teacher=True
+    scored = evaluate_placements(
+        net, ids, list(placement.values()), teacher=teacher_fn, batch_size=batch_size, include_teacher=True
     )
+    results = {name: scored[name if name == "teacher" else placement[name]] for name in ["teacher", *placement]}
     typer.echo(f"{ids.numel()} tokens ({len(ids)} x {seq_len}) from {data}; teacher: {label}")
-    typer.echo(format_table(results, net))
+    typer.echo(format_table(results, net, placement))
     if json_out is not None:
         json_out.write_text(
             json.dumps(

@@ -58,6 +58,11 @@ class SamplingConfig:
     # the presets that will be served): [{placement: "fa-every-4:gdn", prob: 0.1}, ...]; probabilities sum
     # to at most 1.
     presets: list[dict[str, Any]] = field(default_factory=list)
+    # Hybrids like the ones a placement search proposes (a few FA layers kept, the rest cheaper), drawn with
+    # probability `fa_mix_prob` after the presets: an FA count uniform in `fa_mix_range` (inclusive), FA at
+    # random layers, every other layer uniform over the non-FA entries of `mixers`.
+    fa_mix_prob: float = 0.0
+    fa_mix_range: list[int] = field(default_factory=lambda: [4, 12])
     # True: every sequence of a batch gets its own placement (rows sharing a mixer still run together);
     # False: one placement per step for the whole batch.
     per_row: bool = True
@@ -185,10 +190,16 @@ class TrainConfig:
             )
         if min(self.optim.batch_size, self.optim.grad_accum, self.blockwise.batch_size) < 1:
             raise ValueError("batch sizes and grad_accum must be >= 1")
-        total = sum(float(p.get("prob", 0)) for p in self.sampling.presets)
+        lo, hi = (list(self.sampling.fa_mix_range) + [-1, -1])[:2]
+        if len(self.sampling.fa_mix_range) != 2 or not 0 <= lo <= hi:
+            raise ValueError(
+                f"sampling.fa_mix_range={self.sampling.fa_mix_range}: expected [low, high], 0 <= low <= high"
+            )
+        total = self.sampling.fa_mix_prob + sum(float(p.get("prob", 0)) for p in self.sampling.presets)
         if total > 1 + 1e-9 or any("placement" not in p for p in self.sampling.presets):
             raise ValueError(
-                "sampling.presets: each entry needs `placement` and `prob`, probabilities summing to <= 1"
+                "sampling.presets: each entry needs `placement` and `prob`, probabilities (with fa_mix_prob) "
+                "summing to <= 1"
             )
 
     @property

@@ -75,13 +75,18 @@ def hf_teacher_fn(hf_model) -> Callable[[Tensor], Tensor]:
     return lambda ids: hf_model(input_ids=ids).logits
 
 
-def format_table(results: dict[str, dict[str, float]], model: SupernetForCausalLM | None = None) -> str:
-    """A Markdown table: placement, mixer counts, perplexity, KL to the teacher."""
+def format_table(
+    results: dict[str, dict[str, float]],
+    model: SupernetForCausalLM | None = None,
+    specs: dict[str, str] | None = None,
+) -> str:
+    """A Markdown table: placement (or preset name, with ``specs`` mapping names to placements), mixer counts,
+    perplexity, KL to the teacher."""
     lines = ["| placement | FA/SWA/GDN/KDA | ppl | KL to teacher |", "|---|---|---|---|"]
     for p, r in results.items():
         counts = "-"
         if model is not None and p != TEACHER:
-            spec = model.placement(p)
+            spec = model.placement((specs or {}).get(p, p))
             counts = "/".join(str(spec.count(m)) for m in ("fa", "swa", "gdn", "kda"))
             if len(p) > 40:
                 p = format_placement(spec)

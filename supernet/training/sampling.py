@@ -34,6 +34,8 @@ class PlacementSampler:
                 return placement
             u -= prob
         n = self.num_layers
+        if u < self.cfg.fa_mix_prob:
+            return self.fa_mix(rng)
         if self.cfg.strategy == "uniform":
             return tuple(rng.choice(self.mixers) for _ in range(n))
         if self.cfg.strategy == "weighted":
@@ -45,6 +47,13 @@ class PlacementSampler:
         names = [m for m, c in zip(self.mixers, counts, strict=True) for _ in range(c)]
         rng.shuffle(names)
         return tuple(names)
+
+    def fa_mix(self, rng: random.Random) -> Placement:
+        n = self.num_layers
+        lo, hi = self.cfg.fa_mix_range
+        fa = set(rng.sample(range(n), min(n, rng.randint(lo, hi))))
+        others = [m for m in self.mixers if m != "fa"] or ["fa"]
+        return tuple("fa" if i in fa else rng.choice(others) for i in range(n))
 
     def for_step(self, step: int, batch: int) -> list[Placement]:
         """Placements for the ``batch`` rows of global step ``step`` (one shared placement unless per_row)."""

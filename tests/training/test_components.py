@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from supernet.training.config import DataConfig, SamplingConfig
+from supernet.training.config import DataConfig, SamplingConfig, TrainConfig
 from supernet.training.data import DataError, pack, prepare_data, read_documents, split_documents
 from supernet.training.losses import full_kl, teacher_topk, topk_kl
 from supernet.training.sampling import PlacementSampler
@@ -103,3 +103,16 @@ def test_topk_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise(
     assert torch.all(fwd > 0) and torch.all(rev > 0)
     same, _ = topk_kl(teacher, *teacher_topk(teacher, 8, 1.0), 1.0)
     assert float(same.abs().max()) < 2e-3
+
+
+def test_fa_mix_sampling_draws_hybrids_with_the_configured_fa_count():
+    sampler = PlacementSampler(SamplingConfig(fa_mix_prob=0.5, fa_mix_range=[4, 6]), 12, 0)
+    drawn = [sampler.for_step(s, 1)[0] for s in range(600)]
+    fa_counts = Counter(p.count("fa") for p in drawn)
+    in_range = sum(fa_counts[c] for c in (4, 5, 6))
+    assert 240 < in_range < 420  # ~half the draws (plus uniform ones that land there by chance)
+    hybrids = [p for p in drawn if 4 <= p.count("fa") <= 6]
+    assert {m for p in hybrids for m in p} == {"fa", "swa", "gdn", "kda"}
+    assert len({p.index("fa") for p in hybrids}) > 4  # FA lands at varying layers
+    with pytest.raises(ValueError, match="fa_mix_range"):
+        TrainConfig.from_dict({"sampling": {"fa_mix_range": [5, 2]}})

@@ -316,6 +316,18 @@ def test_eval_cli_reports_teacher_and_placements(tmp_path, tiny_supernet_dir):
     bad = CliRunner().invoke(app, [*common, "--placement", "all-xyz"])
     assert bad.exit_code == 2 and "unknown mixer 'xyz'" in bad.output
 
+    # The model's preset names work as placements: same numbers as the placement they name.
+    import shutil
+
+    named = tmp_path / "with_presets"
+    shutil.copytree(tiny_supernet_dir, named)
+    (named / "presets.yaml").write_text("presets:\n- {name: hybrid-x, placement: 'fa,swa,gdn,kda'}\n")
+    common[2] = str(named)
+    res = CliRunner().invoke(app, [*common, "--placement", "hybrid-x", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "| hybrid-x | 1/1/1/1 |" in res.stdout
+    assert json.loads(out.read_text())["results"]["hybrid-x"] == pytest.approx(results["fa,swa,gdn,kda"])
+
 
 def test_config_errors_name_the_field(tmp_path):
     path = tmp_path / "c.yaml"
