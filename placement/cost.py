@@ -82,7 +82,7 @@ class CostModel:
         return int(sum(self.kv_bytes[m] for m in placement))
 
     def relative(self) -> dict[str, float]:
-        """Mixer costs in FA-layer units (how REFERENCE.md quotes Super Apriel's: FA 1.00, SWA 0.48, ...)."""
+        """Mixer costs in FA-layer units (the units Super Apriel quotes its costs in: FA 1.00, SWA 0.48, ...)."""
         return {m: self.mixer[m] / self.mixer["fa"] for m in self.mixer}
 
     def _check(self, placement: Sequence[str]) -> None:

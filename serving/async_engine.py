@@ -10,7 +10,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 from serving.engine import LLMEngine
 from serving.types import EngineStopped, GenerationRequest, ModelInfo, RequestOutput
@@ -86,15 +85,6 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
         self.engine.abort(request_id)
         self._wake.set()
-
-    def stats(self) -> dict[str, Any]:
-        e = self.engine
-        return {
-            "waiting": e.num_waiting,
-            "running": len(e.running) + len(e.prefilling),
-            "cache_reserved_bytes": e.budget.used,
-            "cache_budget_bytes": e.budget.capacity,
-        }
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, let the engine finish what it holds (up to ``timeout``), then stop."""

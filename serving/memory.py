@@ -62,7 +62,3 @@ class MemoryBudget:
         with self._lock:
             self.used -= nbytes
             assert self.used >= 0, "released more cache than was reserved"
-
-    @property
-    def free(self) -> int:
-        return self.capacity - self.used

