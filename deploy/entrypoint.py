@@ -39,7 +39,7 @@ def serve_options() -> dict[str, object]:
     from supernet.cli import app
 
     command = typer.main.get_command(app).commands["serve"]
-    return {PREFIX + p.name.upper(): p for p in command.params if p.opts and p.opts[0].startswith("--")}
+    return {PREFIX + p.name.upper(): p for p in command.params if p.param_type_name == "option"}
 
 
 def serve_argv(environ: Mapping[str, str]) -> list[str]:
