@@ -28,6 +28,8 @@ from serving.detokenizer import IncrementalDetokenizer
 from serving.memory import MemoryBudget, state_bytes
 from serving.runner import ModelRunner
 from serving.sampling import SamplingParams, TokenLogprobs, make_generator, sample, top_logprobs
+from serving.spec_decode import Speculation, SpeculativeDecoder
+from serving.spec_policy import DraftPlan, SpecConfig
 from serving.types import (
     EngineError,
     GenerationRequest,
@@ -35,6 +37,7 @@ from serving.types import (
     RequestTooLarge,
     SequenceDelta,
     ServerBusy,
+    SpecUsage,
 )
 from supernet.cache import SequenceState
 from supernet.model import SupernetForCausalLM
@@ -49,6 +52,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens processed per step (chunked prefill)
     memory_budget: int = 4 * GiB  # bytes of per-sequence cache (KV + recurrent state) admitted at once
     max_queue: int = 256  # requests waiting for admission before new ones get 429
+    speculative: SpecConfig | None = None  # drafts per preset and the k policy (None: no drafts configured)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Sequence:
     new_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     group: RequestGroup | None = field(default=None, repr=False)
+    spec: Speculation | None = None  # its draft, when the request speculates (serving.spec_decode)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class RequestGroup:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     sent_prompt_logprobs: bool = False
     first_token_time: float | None = None
+    draft: DraftPlan | None = None  # the draft preset it speculates with
 
     @property
     def finished(self) -> bool:
@@ -100,6 +106,7 @@ class LLMEngine:
         self.config = config or EngineConfig(max_model_len=model.config.max_position_embeddings)
         self.metrics = metrics
         self.budget = MemoryBudget(self.config.memory_budget)
+        self.spec = SpeculativeDecoder(self.runner, self.config.speculative or SpecConfig())
         self.eos_ids = _eos_ids(model, tokenizer)
         self.waiting: deque[RequestGroup] = deque()
         self.prefilling: deque[RequestGroup] = deque()
@@ -111,8 +118,9 @@ class LLMEngine:
 
     # ---- admission (called from any thread) -------------------------------------------------------------
 
-    def reserve_bytes(self, request: GenerationRequest) -> int:
-        """Cache bytes the request holds at its full length; raises when it can never run here."""
+    def reserve_bytes(self, request: GenerationRequest, draft: DraftPlan | None = None) -> int:
+        """Cache bytes the request holds at its full length (its draft's caches included); raises when it can
+        never run here."""
         p, n_prompt = request.params, len(request.prompt_ids)
         p.validate()
         if n_prompt == 0:
@@ -126,9 +134,9 @@ class LLMEngine:
             )
         if p.n > self.config.max_num_seqs:
             raise RequestTooLarge(f"n={p.n} exceeds the server's batch size ({self.config.max_num_seqs})")
-        need = p.n * state_bytes(
-            self.model.config, request.placement, total, self.model.embed_tokens.weight.dtype
-        )
+        dtype = self.model.embed_tokens.weight.dtype
+        placements = [request.placement] + ([draft.placement] if draft is not None else [])
+        need = p.n * sum(state_bytes(self.model.config, pl, total, dtype) for pl in placements)
         if need > self.budget.capacity:
             raise RequestTooLarge(
                 f"this request needs {need / 2**20:.1f} MiB of cache at its full length ({total} tokens "
@@ -139,7 +147,8 @@ class LLMEngine:
         return need
 
     def add_request(self, request: GenerationRequest) -> None:
-        need = self.reserve_bytes(request)
+        draft = self.spec.plan_for(request)
+        need = self.reserve_bytes(request, draft)
         p = request.params
         if not request.arrival:
             request.arrival = time.monotonic()
@@ -152,7 +161,7 @@ class LLMEngine:
             )
             for i in range(p.n)
         ]
-        group = RequestGroup(request, seqs, need)
+        group = RequestGroup(request, seqs, need, draft=draft)
         for seq in seqs:
             seq.group = group
         with self._lock:
@@ -258,6 +267,8 @@ class LLMEngine:
             group.seqs[0].state = self.runner.new_state(
                 req.placement, len(req.prompt_ids) + req.params.max_tokens
             )
+            if group.draft is not None:
+                group.seqs[0].spec = self.spec.start(req, group.draft)
             if req.params.prompt_logprobs is not None:
                 group.prompt_logprobs = [None]
             self.groups[req.request_id] = group
@@ -272,7 +283,10 @@ class LLMEngine:
             start = group.num_prefilled
             chunk = prompt[start : start + budget]
             want_lp = group.prompt_logprobs is not None
-            logits = self.runner.prefill(group.seqs[0].state, chunk, all_logits=want_lp)
+            spec = group.seqs[0].spec  # the draft's caches take the prompt in the same forward
+            logits = self.runner.prefill(
+                group.seqs[0].state, chunk, all_logits=want_lp, also=[spec.state] if spec else ()
+            )
             group.num_prefilled += len(chunk)
             budget -= len(chunk)
             if want_lp:
@@ -295,6 +309,7 @@ class LLMEngine:
         seqs = group.seqs
         for seq in seqs[1:]:
             seq.state = seqs[0].state.clone()
+            seq.spec = seqs[0].spec.fork() if seqs[0].spec else None
         out = self._output(group, outputs)
         if group.request.params.max_tokens == 0:  # echo-only scoring request
             for seq in seqs:
@@ -311,6 +326,15 @@ class LLMEngine:
 
     def _decode(self, outputs: dict[str, RequestOutput]) -> None:
         seqs = self.running
+        if any(s.spec is not None for s in seqs):
+            for seq, emitted in zip(seqs, self.spec.step(seqs), strict=True):
+                for token, lp in zip(emitted.tokens, emitted.logprobs, strict=True):
+                    if seq.finish_reason is None:
+                        self._append(seq.group, seq, token, lp, outputs)
+                if emitted.drafted and self.metrics is not None:
+                    self.metrics.speculation(seq.group.request.preset, emitted.drafted, emitted.accepted)
+            self.running = [s for s in seqs if s.finish_reason is None]
+            return
         logits = self.runner.decode([s.state for s in seqs], [s.pending for s in seqs])
         tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for seq, token, lp in zip(seqs, tokens, lps, strict=True):
@@ -371,6 +395,11 @@ class LLMEngine:
             out.prompt_logprobs = group.prompt_logprobs
             group.sent_prompt_logprobs = True
         out.completion_tokens = sum(len(s.output_ids) for s in group.seqs)
+        if group.draft is not None:
+            out.speculative = SpecUsage(group.draft.draft)
+            for s in group.seqs:
+                if s.spec is not None:
+                    out.speculative.add(s.spec.usage)
         return out
 
     def _reap(self, outputs: dict[str, RequestOutput]) -> None:
@@ -381,6 +410,8 @@ class LLMEngine:
             for seq in seq_group.seqs:
                 if seq.finish_reason is not None:
                     seq.state = None
+                    if seq.spec is not None:
+                        seq.spec.state = None
             if seq_group.finished:
                 out = self._output(seq_group, outputs)
                 out.finished = True

@@ -81,6 +81,26 @@ class ServingMetrics:
         )
         self.cache_budget = Gauge("supernet_cache_budget_bytes", "Cache memory budget", registry=r)
         self.cache_usage = Gauge("supernet_cache_usage_ratio", "Reserved / budget (0..1)", registry=r)
+        self._spec_totals: dict[str, list[int]] = {}
+        # self-speculative decoding, by target preset (vLLM's spec_decode counters, plus the two ratios)
+        self.spec_drafted = Counter(
+            "supernet_spec_decode_draft_tokens", "Tokens drafted", ["preset"], registry=r
+        )
+        self.spec_accepted = Counter(
+            "supernet_spec_decode_accepted_tokens", "Drafted tokens the target accepted", ["preset"], registry=r
+        )
+        self.spec_steps = Counter(
+            "supernet_spec_decode_verify_steps", "Target forwards that verified a draft", ["preset"], registry=r
+        )
+        self.spec_acceptance = Gauge(
+            "supernet_spec_decode_acceptance_rate", "Accepted / drafted tokens since start", ["preset"], registry=r
+        )
+        self.spec_tokens_per_step = Gauge(
+            "supernet_spec_decode_tokens_per_verify_step",
+            "Tokens emitted per verify step since start (accepted drafts + the target's own token)",
+            ["preset"],
+            registry=r,
+        )
 
     # hooks called by serving.engine.LLMEngine
     def first_token(self, preset: str, seconds: float) -> None:
@@ -96,6 +116,19 @@ class ServingMetrics:
         self.prompt_tokens.labels(preset).inc(prompt_tokens)
         self.generation_tokens.labels(preset).inc(completion_tokens)
         self.e2e.labels(preset).observe(seconds)
+
+    def speculation(self, preset: str, drafted: int, accepted: int) -> None:
+        """One verify step of one sequence: ``drafted`` tokens proposed, ``accepted`` of them kept."""
+        self.spec_drafted.labels(preset).inc(drafted)
+        self.spec_accepted.labels(preset).inc(accepted)
+        self.spec_steps.labels(preset).inc()
+        totals = self._spec_totals.setdefault(preset, [0, 0, 0])  # engine thread only
+        totals[0] += drafted
+        totals[1] += accepted
+        totals[2] += 1
+        drafted_total, accepted_total, steps = totals
+        self.spec_acceptance.labels(preset).set(accepted_total / drafted_total)
+        self.spec_tokens_per_step.labels(preset).set((accepted_total + steps) / steps)
 
     def scheduler(self, waiting: int, running: int, cache_used: int, cache_budget: int) -> None:
         self.waiting.set(waiting)

@@ -1,8 +1,8 @@
 """The model side of the engine: forward passes over per-sequence states, nothing about requests.
 
-Keeping this separate from the scheduler is what makes the next steps additions: * self-speculative decoding
-calls ``forward`` with ``k + 1`` tokens per row on the target preset's states to verify
-  a draft in one pass (``SequenceState.clone()`` snapshots a state so rejected tokens can be rolled back);
+Keeping this separate from the scheduler is what makes the next steps additions:
+* self-speculative decoding (spec_decode.py) calls ``forward`` with ``k + 1`` tokens per row on the target
+  preset's states to verify a draft in one pass (spec_rollback.py takes rejected tokens back);
 * another backend (vLLM) replaces the whole engine behind ``types.EngineClient`` instead.
 """
 
@@ -41,9 +41,16 @@ class ModelRunner:
         out = self.model(ids, states=list(states), num_logits_to_keep=1 if last_only else 0)
         return out.logits.float()
 
-    def prefill(self, state: SequenceState, tokens: Sequence[int], all_logits: bool = False) -> Tensor:
-        """One prompt chunk of one sequence; logits [T, V] (all_logits) or [1, V]."""
-        return self.forward([tokens], [state], last_only=not all_logits)[0]
+    def prefill(
+        self,
+        state: SequenceState,
+        tokens: Sequence[int],
+        all_logits: bool = False,
+        also: Sequence[SequenceState] = (),
+    ) -> Tensor:
+        """One prompt chunk of one sequence; logits [T, V] (all_logits) or [1, V]. ``also``: more states (a
+        speculative draft's, on its own placement) that take the same tokens in the same forward."""
+        return self.forward([tokens] * (1 + len(also)), [state, *also], last_only=not all_logits)[0]
 
     def decode(self, states: Sequence[SequenceState], tokens: Sequence[int]) -> Tensor:
         """One token for each of many sequences, whatever their placements; logits [B, V]."""

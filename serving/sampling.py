@@ -104,6 +104,14 @@ def _warp(logits: Tensor, params: SamplingParams) -> Tensor:
     return logits
 
 
+def warped_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution a sampled row draws from, for logits [V] or [T, V] (speculative decoding compares the
+    draft's and the target's under the same warping)."""
+    if logits.dim() == 1:
+        return _warp(logits, params).softmax(-1)
+    return torch.stack([_warp(row, params).softmax(-1) for row in logits])
+
+
 def sample(
     logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
@@ -111,7 +119,7 @@ def sample(
     tokens = logits.argmax(-1)
     for i, p in enumerate(params):
         if not p.greedy:
-            probs = _warp(logits[i], p).softmax(-1)
+            probs = warped_probs(logits[i], p)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     out_lp: list[TokenLogprobs | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]

@@ -49,6 +49,31 @@ class GenerationRequest:
     params: SamplingParams
     preset: str = "custom"  # preset name, used for metrics labels
     arrival: float = 0.0  # time.monotonic() at arrival; set by the engine when 0
+    speculative: bool | None = None  # self-speculative decoding: None = the server's rule (spec_policy)
+
+
+@dataclass
+class SpecUsage:
+    """Self-speculative decoding counters of one sequence or request (reported in the response's usage)."""
+
+    draft: str = ""  # the draft preset
+    draft_tokens: int = 0  # tokens drafted
+    accepted_tokens: int = 0  # drafted tokens the target accepted
+    verify_steps: int = 0  # target forwards that verified drafts
+    emitted_tokens: int = 0  # tokens those steps produced (accepted drafts + one target token each)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_verify_step(self) -> float:
+        return self.emitted_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    def add(self, other: SpecUsage) -> None:
+        self.draft = self.draft or other.draft
+        for name in ("draft_tokens", "accepted_tokens", "verify_steps", "emitted_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
@@ -72,6 +97,7 @@ class RequestOutput:
     # echo: one entry per prompt token (None for the first, which has no context), sent with the first output
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     error: str | None = None
+    speculative: SpecUsage | None = None  # so far, over all sequences; None when the request does not speculate
 
 
 @dataclass

@@ -56,6 +56,12 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.length * self.k.shape[0] * self.k.shape[2] * self.k.element_size()
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative rollback): later appends overwrite them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
 
 @dataclass
 class WindowKVCache:
@@ -114,14 +120,78 @@ class WindowKVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def slots(self, start: int, count: int) -> Tensor:
+        """Ring slots that positions ``start .. start + count - 1`` are written to."""
+        pos = torch.arange(start, start + count, device=self.pos.device)
+        return torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.window)
+
+    def snapshot(self, start: int, count: int) -> RingSnapshot:
+        """Copy what the next ``count`` positions (from ``start``) will overwrite, so ``restore`` can undo them.
+        Only those slots are copied, not the whole window; ``count`` <= window keeps them distinct."""
+        if count > self.window:
+            raise ValueError(f"cannot snapshot {count} positions of a {self.window}-token window")
+        slots = self.slots(start, count)
+        return RingSnapshot(start, slots, self.k[:, slots].clone(), self.v[:, slots].clone(), self.pos[slots].clone())
+
+    def restore(self, snap: RingSnapshot, keep: int) -> None:
+        """Undo every position written since ``snap`` except the first ``keep`` (speculative rollback)."""
+        slots = snap.slots[keep:]
+        self.k[:, slots] = snap.k[:, keep:]
+        self.v[:, slots] = snap.v[:, keep:]
+        self.pos[slots] = snap.pos[keep:]
+
+
+@dataclass
+class RingSnapshot:
+    """The ring slots a speculative window overwrites, as they were before it (see WindowKVCache.snapshot)."""
+
+    start: int
+    slots: Tensor
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+
+
+@dataclass
+class DeltaHistory:
+    """Every position's state since a checkpoint, kept while a speculative window is open so the state can go
+    back to any of them without recomputing anything. The mixer appends to it (``DeltaState.history``)."""
+
+    conv: Tensor  # conv state at the checkpoint [C, W - 1]
+    recurrent: Tensor  # recurrent state at the checkpoint (a copy) [H, K, V]
+    inputs: Tensor  # raw conv inputs fed since, [n, C]
+    states: list[Tensor] = field(default_factory=list)  # recurrent state after each of those n tokens
+
 
 @dataclass
 class DeltaState:
     conv: Tensor  # [C, conv_kernel - 1]: the last inputs of the short causal convolution
     recurrent: Tensor  # [H, K, V] fp32
+    # open speculative window: the mixer steps token by token and records every position (see DeltaHistory)
+    history: DeltaHistory | None = field(default=None, repr=False, compare=False)
 
     def nbytes(self) -> int:
         return self.conv.numel() * self.conv.element_size() + self.recurrent.numel() * 4
+
+    def open_history(self) -> None:
+        self.history = DeltaHistory(self.conv, self.recurrent.clone(), self.conv.new_empty(0, self.conv.shape[0]))
+
+    def record(self, inputs: Tensor, states: list[Tensor]) -> None:
+        """Called by the mixer after a recorded forward: raw conv inputs [T, C], the state after each token."""
+        h = self.history
+        h.inputs = torch.cat((h.inputs, inputs))
+        h.states.extend(states)
+
+    def rollback(self, keep: int) -> None:
+        """Back to the state after the first ``keep`` tokens since ``open_history`` (the window stays open)."""
+        h = self.history
+        if not 0 <= keep <= len(h.states):
+            raise ValueError(f"cannot keep {keep} of {len(h.states)} recorded positions")
+        # the conv state is the last W - 1 raw inputs: the checkpoint's, shifted by the kept tokens
+        tail = torch.cat((h.conv.transpose(0, 1), h.inputs[:keep].to(h.conv.dtype)))[keep:]
+        self.conv = tail.transpose(0, 1).contiguous()
+        self.recurrent = h.states[keep - 1] if keep else h.recurrent.clone()
+        h.inputs, h.states = h.inputs[:keep], h.states[:keep]
 
 
 LayerState = KVCache | WindowKVCache | DeltaState

@@ -103,7 +103,7 @@ class DeltaMixer(Mixer):
         self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext, states: list[LayerState] | None
     ) -> Tensor:
         b, t, _ = x.shape
-        qkv = torch.cat(self.proj.qkv(x, base), dim=-1)
+        qkv = raw = torch.cat(self.proj.qkv(x, base), dim=-1)
         conv_state = None if states is None else torch.stack([s.conv for s in states])
         rec_state = None if states is None else torch.stack([s.recurrent for s in states])
         if conv_state is not None and t == 1:
@@ -119,16 +119,36 @@ class DeltaMixer(Mixer):
         q, k, v = (z.view(b, t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
         q, k = l2_norm(q), l2_norm(k)
         beta = torch.sigmoid(self.b_proj(x))
-        rule = self.rule(chunked=states is None or t > 1)
-        o, rec_state = rule(
-            q, k, v, self.decay(x), beta, initial_state=rec_state, output_final_state=states is not None
-        )
+        if states is not None and any(s.history is not None for s in states):
+            o, rec_state = self._recorded(raw, q, k, v, self.decay(x), beta, rec_state, states)
+        else:
+            rule = self.rule(chunked=states is None or t > 1)
+            o, rec_state = rule(
+                q, k, v, self.decay(x), beta, initial_state=rec_state, output_final_state=states is not None
+            )
         if states is not None:
             for i, state in enumerate(states):
                 state.conv, state.recurrent = conv_state[i], rec_state[i]
         gate = self.gate(x).view(b, t, self.num_heads, self.head_dim)
         o = gated_rms_norm(o, gate, self.norm_weight, self.eps, activation=self.gate_activation)
         return self.proj.out(o.reshape(b, t, -1), base)
+
+    def _recorded(self, raw, q, k, v, g, beta, rec_state, states) -> tuple[Tensor, Tensor]:
+        """Speculative window (a state with an open DeltaState.history): run the decode recurrence one token at
+        a time -- the exact arithmetic of T == 1 decode steps -- and record every position's state, so a
+        rejected draft rolls back to the last accepted position without recomputing anything."""
+        rule, outs, steps = self.rule(chunked=False), [], []
+        for i in range(q.shape[1]):
+            at = slice(i, i + 1)
+            o, rec_state = rule(
+                q[:, at], k[:, at], v[:, at], g[:, at], beta[:, at], initial_state=rec_state, output_final_state=True
+            )
+            outs.append(o)
+            steps.append(rec_state)
+        for r, state in enumerate(states):
+            if state.history is not None:
+                state.record(raw[r], [s[r] for s in steps])
+        return torch.cat(outs, dim=1), rec_state
 
     def new_state(self, dtype: torch.dtype, device: torch.device) -> LayerState:
         width = self.num_heads * self.head_dim
