@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import rms_norm
+from kernels.linear import fused_linear, linear, use_packed
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same math) whose few-row, no-grad calls -- decode steps -- use weights
+    prepacked for oneDNN (kernels/linear.py). Training and prefill run exactly ``F.linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias, self)
 
 
 class RMSNorm(nn.Module):
@@ -27,11 +36,17 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if use_packed(x):  # decode: gate and up read the same input, so they run as one packed matrix
+            gate, up = fused_linear(
+                x, self, "gate_up", [self.gate_proj.weight, self.up_proj.weight],
+                [self.gate_proj.bias, self.up_proj.bias],
+            ).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -85,10 +100,18 @@ class AttentionProjections(nn.Module):
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool) -> None:
         super().__init__()
-        self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, num_heads * head_dim, bias=bias)
+        self.k_proj = Linear(hidden, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = Linear(hidden, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden, bias=False)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of x; on the decode path as one packed matrix (they read the same input)."""
+        if not use_packed(x):
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        y = fused_linear(x, self, "qkv", [p.weight for p in projs], [p.bias for p in projs])
+        return y.split([p.out_features for p in projs], dim=-1)
 
 
 class LoRA(nn.Module):
@@ -102,7 +125,7 @@ class LoRA(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.A), self.B)
+        return linear(linear(x, self.A, None, self, "A"), self.B, None, self, "B")
 
 
 def repeat_heads(x: Tensor, head_dim: int, repeats: int) -> Tensor:

@@ -81,11 +81,11 @@ class MixerProjections(nn.Module):
 
     def qkv(self, x: Tensor, base: AttentionProjections | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.own is not None:
-            return self.own.q_proj(x), self.own.k_proj(x), self.own.v_proj(x)
+            return self.own.qkv(x)
         assert base is not None, "shared-weight mixers need the layer's teacher projections"
-        q = base.q_proj(x)
-        k = repeat_heads(base.k_proj(x), self.head_dim, self.kv_repeat)
-        v = repeat_heads(base.v_proj(x), self.head_dim, self.kv_repeat)
+        q, k, v = base.qkv(x)
+        k = repeat_heads(k, self.head_dim, self.kv_repeat)
+        v = repeat_heads(v, self.head_dim, self.kv_repeat)
         if self.lora is not None:
             q, k, v = q + self.lora["q"](x), k + self.lora["k"](x), v + self.lora["v"](x)
         return q, k, v

@@ -32,7 +32,7 @@ from kernels import (
 )
 from supernet.cache import DeltaState, LayerState
 from supernet.config import DeltaConfig, SupernetConfig
-from supernet.layers import AttentionProjections
+from supernet.layers import AttentionProjections, Linear
 from supernet.mixers.base import Mixer, MixerContext, MixerProjections
 
 SILU_ONE = 1.2784645  # silu(SILU_ONE) == 1.0: the GDN output gate's neutral bias
@@ -47,8 +47,8 @@ class LowRank(nn.Module):
 
     def __init__(self, hidden: int, rank: int, out: int, bias_init: float | None) -> None:
         super().__init__()
-        self.down = nn.Linear(hidden, rank, bias=False)
-        self.up = nn.Linear(rank, out, bias=bias_init is not None)
+        self.down = Linear(hidden, rank, bias=False)
+        self.up = Linear(rank, out, bias=bias_init is not None)
         nn.init.zeros_(self.up.weight)
         if bias_init is not None:
             nn.init.constant_(self.up.bias, bias_init)
@@ -86,7 +86,7 @@ class DeltaMixer(Mixer):
         self.conv_weight = nn.Parameter(torch.zeros(3 * width, dcfg.conv_kernel))
         with torch.no_grad():
             self.conv_weight[:, -1] = 1.0
-        self.b_proj = nn.Linear(config.hidden_size, dcfg.num_heads, bias=True)
+        self.b_proj = Linear(config.hidden_size, dcfg.num_heads, bias=True)
         nn.init.zeros_(self.b_proj.weight)
         nn.init.zeros_(self.b_proj.bias)
         self.A_log = nn.Parameter(torch.full((dcfg.num_heads,), math.log(FAST_DECAY)))
@@ -165,7 +165,7 @@ class GatedDeltaNet(DeltaMixer):
         self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int
     ) -> None:
         super().__init__(name, config, dcfg, own=own, lora_rank=lora_rank)
-        self.a_proj = nn.Linear(config.hidden_size, dcfg.num_heads, bias=False)
+        self.a_proj = Linear(config.hidden_size, dcfg.num_heads, bias=False)
         nn.init.zeros_(self.a_proj.weight)
         self.dt_bias = nn.Parameter(torch.zeros(dcfg.num_heads))
         self.gate = LowRank(config.hidden_size, dcfg.gate_rank, dcfg.num_heads * dcfg.head_dim, SILU_ONE)

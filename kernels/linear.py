@@ -1,0 +1,115 @@
+"""Linear layers for decode steps: the same ``x W^T + b``, with the weights prepacked for oneDNN on CPU.
+
+A decode step multiplies a handful of rows (one per running sequence) by every weight matrix of the model, so
+it is bound by reading the weights. Through ``F.linear`` (MKL, row-major ``[out, in]`` weights) one CPU thread
+streams them at well under half the memory bandwidth at 1 row, and at 8 rows it is worse still. oneDNN's
+blocked layout -- what inductor's CPU ``freezing`` pass prepacks weights into -- measured 1.7x faster at one row
+and 2.2x at 8 rows here (benchmarks/bench_kernels.py ``--linear``). Several projections that read the same
+input can also be packed as one matrix (q/k/v, the MLP's gate/up), so each step issues fewer, larger calls.
+
+The packed copies are an inference-only cache, held on the module that owns the weights (outside its
+``state_dict``), keyed by each weight's storage and version counter: an optimizer step or a checkpoint load
+invalidates them. They double the resident weight bytes of the layers a decode step touches; the step itself
+still reads each weight once. Whenever autograd is on, more than ``SMALL_ROWS`` rows come in, or the input is
+not fp32 on CPU, this is plain ``F.linear`` -- training and prefill never take the packed path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SMALL_ROWS", "fused_linear", "linear", "packed_available", "set_packed_enabled", "use_packed"]
+
+# Calls with at most SMALL_TOKENS tokens per sequence (decode steps, speculative verification) and at most
+# SMALL_ROWS rows in all take the packed path. Decode steps of big batches still gain (oneDNN measured faster up
+# to 64 rows), but prefill and scoring are compute-bound matmuls where MKL is already good, and keeping them on
+# F.linear keeps their numerics exactly those of the reference path.
+SMALL_ROWS = 64
+SMALL_TOKENS = 8
+PACK_ROWS_HINT = 8  # the row count oneDNN tunes the packed layout for (it serves any count)
+# oneDNN costs ~10 us per call whatever the size (measured here), which F.linear beats on small weights (LoRA
+# factors, gate projections): below this many elements a (fused) weight stays a plain tensor for F.linear.
+PACK_MIN_NUMEL = 1 << 17
+
+
+def packed_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+_AVAILABLE = packed_available()
+_ENABLED = [True]  # switched off by supernet.fastpath.reference_path() to run the plain path side by side
+
+
+def set_packed_enabled(enabled: bool) -> bool:
+    """Turn the packed path on or off process-wide; returns the previous setting."""
+    previous, _ENABLED[0] = _ENABLED[0], enabled
+    return previous
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter (they cannot change)
+        return -1
+
+
+def _key(tensors: Sequence[Tensor | None]) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape), _version(t)) for t in tensors)
+
+
+def use_packed(x: Tensor) -> bool:
+    """Whether a linear layer applied to ``x`` takes the packed path (fp32 weights assumed; see module doc)."""
+    return (
+        _AVAILABLE
+        and _ENABLED[0]
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() >= 2
+        and x.shape[-2] <= SMALL_TOKENS
+        and x.numel() <= SMALL_ROWS * x.shape[-1]
+    )
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, owner: nn.Module | None = None, name: str = "weight"
+) -> Tensor:
+    """``F.linear(x, weight, bias)``; packed when ``use_packed(x)`` and an ``owner`` module holds the cache
+    (under ``name``)."""
+    if owner is None or weight.numel() < PACK_MIN_NUMEL or weight.dtype != torch.float32 or not use_packed(x):
+        return F.linear(x, weight, bias)
+    return fused_linear(x, owner, name, [weight], [bias])
+
+
+def fused_linear(
+    x: Tensor, owner: nn.Module, name: str, weights: Sequence[Tensor], biases: Sequence[Tensor | None] = ()
+) -> Tensor:
+    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as one packed call; callers
+    check ``use_packed(x)`` first (the unpacked path is theirs to write as plainly as before).
+
+    ``owner`` holds the packed copy under ``name`` (one cache entry per name). ``biases`` may be empty (no
+    bias) or one entry per weight (None where that projection has none).
+    """
+    biases = list(biases) or [None] * len(weights)
+    key = _key([*weights, *biases])
+    cache = owner.__dict__.setdefault("_packed_linear", {})
+    entry = cache.get(name)
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            w = weights[0] if len(weights) == 1 else torch.cat(list(weights), dim=0)
+            w = w.detach().contiguous()
+            packed = (
+                torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if w.numel() >= PACK_MIN_NUMEL else w
+            )
+            bias = None
+            if any(b is not None for b in biases):
+                parts = zip(weights, biases, strict=True)
+                bias = torch.cat([b.detach() if b is not None else w_.new_zeros(w_.shape[0]) for w_, b in parts])
+        entry = cache[name] = (key, packed, bias)
+    if entry[1].is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, entry[1], entry[2], "none", [], "")
+    return F.linear(x, entry[1], entry[2])
