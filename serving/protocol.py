@@ -43,6 +43,8 @@ class _Common(BaseModel):
     preset: str | None = None
     placement: str | None = None
     vllm_xargs: dict[str, Any] | None = None
+    # self-speculative decoding: true / false force it on / off; absent = where it pays (docs/speculative.md)
+    speculative: bool | None = None
 
 
 class CompletionRequest(_Common):
@@ -97,10 +99,22 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class SpeculativeUsage(BaseModel):
+    """Self-speculative decoding of one response (an extra usage key; absent when the request did not speculate)."""
+
+    draft: str  # the draft preset
+    draft_tokens: int
+    accepted_tokens: int
+    verify_steps: int
+    acceptance_rate: float  # accepted / drafted tokens
+    tokens_per_verify_step: float  # tokens emitted per target forward that verified a draft
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    speculative: SpeculativeUsage | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class CompletionLogprobs(BaseModel):

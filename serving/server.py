@@ -13,6 +13,7 @@ from serving.async_engine import AsyncEngine
 from serving.engine import EngineConfig, GiB, LLMEngine
 from serving.metrics import ServingMetrics
 from serving.presets import PresetTable, load_presets, load_presets_file
+from serving.spec_policy import spec_config_from_presets
 from serving.types import ModelInfo
 
 log = logging.getLogger("serving")
@@ -83,6 +84,8 @@ def build_engine(
     num_layers = model.config.num_hidden_layers
     presets = presets or load_presets(model_dir, num_layers)
     config = engine_config or EngineConfig(max_model_len=model.config.max_position_embeddings)
+    if config.speculative is None:  # drafts per preset for self-speculative decoding (serving.spec_policy)
+        config.speculative = spec_config_from_presets(model, presets, config.max_model_len)
     name = served_model_name or (default_model_name(model_dir) if model_dir is not None else "supernet")
     info = ModelInfo(name=name, max_model_len=config.max_model_len, presets=presets, num_layers=num_layers)
     return AsyncEngine(LLMEngine(model, tokenizer, config, metrics=metrics), info)

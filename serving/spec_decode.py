@@ -45,6 +45,7 @@ class Speculation:
     accepted_w: float = 0.0  # decayed counts behind the running acceptance rate
     trials_w: float = 0.0
     pause: int = 0  # steps left without speculating
+    forced: bool = False  # the request asked for speculation: k >= 1 even where the cost model says no
     usage: SpecUsage = field(default_factory=SpecUsage)
 
     def fork(self) -> Speculation:
@@ -65,6 +66,8 @@ class Speculation:
         a0, n0 = config.prior
         rate = (self.accepted_w + a0) / (self.trials_w + n0)
         k, _ = best_k(rate, self.cost_ratio, limit)
+        if k == 0 and self.forced:
+            return 1
         if k == 0:
             self.pause = config.probe_every
         return k
@@ -143,8 +146,9 @@ class SpeculativeDecoder:
         total = len(request.prompt_ids) + request.params.max_tokens
         model = self.runner.model
         ratio = step_bytes(model, plan.placement, total) / step_bytes(model, request.placement, total)
+        state = self.runner.new_state(plan.placement, total)
         return Speculation(
-            plan.draft, self.runner.new_state(plan.placement, total), ratio, self.k_cap, usage=SpecUsage(plan.draft)
+            plan.draft, state, ratio, self.k_cap, forced=request.speculative is True, usage=SpecUsage(plan.draft)
         )
 
     # ---- one decode step ------------------------------------------------------------------------------

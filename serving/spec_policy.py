@@ -1,8 +1,8 @@
 """When to speculate and how far: the draft preset per target, on/off per request, k per sequence.
 
 * Which draft: ``presets.yaml`` names a ``draft`` preset per target preset (``benchmarks/bench_spec_decode.py
-  --choose-drafts`` picks it by measured acceptance x measured speed and writes it). A preset without one gets
-  the preset whose decode step reads the fewest bytes at the server's context length (``default_drafts``).
+  --write`` picks it by measured acceptance x measured speed and writes it). A preset without one gets the
+  preset whose decode step reads the fewest bytes at the server's context length (``default_drafts``).
 * On by default where it pays: ``speculative_from_context`` per target preset (written by the same benchmark from
   its measured speed-ups) turns speculation on for prompts at least that long. A request's ``speculative``
   field overrides it either way. The decision is made once per request, from its preset and prompt length only,
@@ -20,11 +20,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from serving.memory import state_bytes
+from serving.presets import PresetTable
 from supernet.model import SupernetForCausalLM
 from supernet.placement import Placement
+from supernet.presets import read_presets
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,16 @@ def default_drafts(
         for name in presets
         if cost[cheapest] < cost[name]
     }
+
+
+def spec_config_from_presets(model: SupernetForCausalLM, table: PresetTable, context: int) -> SpecConfig:
+    """Drafts for a server's presets: ``default_drafts``, overridden by presets.yaml's ``draft`` and
+    ``speculative_from_context`` where the table came from a file."""
+    drafts = default_drafts(model, {name: p.placement for name, p in table.presets.items()}, context)
+    if table.source != "builtin" and Path(table.source).is_file():
+        for entry in read_presets(table.source).presets:
+            if entry.draft is not None and entry.draft != entry.name:
+                drafts[entry.name] = DraftPlan(entry.draft, table.get(entry.draft).placement)
+            if entry.name in drafts and entry.speculative_from_context is not None:
+                drafts[entry.name] = replace(drafts[entry.name], from_context=entry.speculative_from_context)
+    return SpecConfig(drafts=drafts)

@@ -52,12 +52,28 @@ class PresetEntry(_Strict):
     speedup: float | None = None  # vs all-FA under the same cost model
     kv_bytes_per_seq: int | None = None  # KV cache + recurrent state per sequence at the cost model's context
     mixers: dict[MixerName, int] | None = None  # layer count per mixer
+    # self-speculative decoding (serving.spec_policy, docs/speculative.md): the preset that drafts for this
+    # one, the prompt length from which speculation is on by default, and the measurements behind both
+    draft: str | None = None
+    speculative_from_context: int | None = Field(default=None, ge=1)
+    speculative_measured: list[SpecMeasurement] = Field(default_factory=list)
 
     @field_validator("placement", mode="before")
     @classmethod
     def _join_list(cls, value: object) -> object:
         """A YAML list of mixer names is accepted as well as a spec string."""
         return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+class SpecMeasurement(_Strict):
+    """One speculative decoding measurement (benchmarks/bench_spec_decode.py): this preset as the target."""
+
+    context: int
+    batch: int
+    speedup: float  # decode tokens/s with speculation / without, same process, same prompts
+    acceptance: float  # accepted / drafted tokens
+    tokens_per_step: float  # tokens per verify step
+    draft: str
 
 
 class CostInfo(_Strict):
@@ -92,6 +108,9 @@ class PresetsFile(_Strict):
             raise ValueError(f"preset name(s) {twice} defined more than once")
         if self.default is not None and self.default not in names:
             raise ValueError(f"default {self.default!r} is not one of the presets {names}")
+        for p in self.presets:
+            if p.draft is not None and p.draft not in names:
+                raise ValueError(f"preset {p.name!r}: draft {p.draft!r} is not one of the presets {names}")
         return self
 
     @property

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from serving.api.deps import check_api_key, get_engine, get_settings
 from serving.api.errors import APIError
 from serving.api.logprobs import LogprobFormatter
-from serving.api.params import chat_prompt, resolve_model, sampling_params
-from serving.api.streams import SSE_DONE, collect, sse, sse_error, submit
+from serving.api.params import chat_prompt, resolve_model, sampling_params, speculative_flag
+from serving.api.streams import SSE_DONE, SpecTally, collect, sse, sse_error, submit
 from serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -58,12 +58,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         prompt_logprobs=None,
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    (stream,) = submit(engine, rid, [prompt], resolved, params)
+    (stream,) = submit(engine, rid, [prompt], resolved, params, speculative_flag(body))
     created = int(time.time())
     if body.stream:
         gen = stream_chat(rid, created, resolved.model_id, len(prompt), body, stream, fmt)
         return StreamingResponse(gen, media_type="text/event-stream")
-    ((_, seqs),) = await collect(request, [stream])
+    tally = SpecTally()
+    ((_, seqs),) = await collect(request, [stream], tally)
     completion = sum(len(c.token_ids) for c in seqs)
     choices = [
         ChatChoice(
@@ -74,7 +75,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         )
         for i, c in enumerate(seqs)
     ]
-    usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion, total_tokens=len(prompt) + completion)
+    usage = Usage(
+        prompt_tokens=len(prompt),
+        completion_tokens=completion,
+        total_tokens=len(prompt) + completion,
+        speculative=tally.usage(),
+    )
     return JSONResponse(
         ChatCompletionResponse(
             id=rid, created=created, model=resolved.model_id, choices=choices, usage=usage
@@ -92,6 +98,7 @@ async def stream_chat(
     fmt: LogprobFormatter,
 ) -> AsyncIterator[str]:
     completion_tokens = 0
+    tally = SpecTally()
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         c = ChatCompletionChunk(id=rid, created=created, model=model_id, choices=choices, usage=usage)
@@ -106,6 +113,7 @@ async def stream_chat(
             if out.error:
                 yield sse_error(out.error)
                 return
+            tally.see(out)
             choices = []
             for d in out.deltas:
                 completion_tokens += len(d.token_ids)
@@ -126,6 +134,7 @@ async def stream_chat(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 total_tokens=prompt_tokens + completion_tokens,
+                speculative=tally.usage(),
             )
             yield chunk([], usage)
         yield SSE_DONE

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from serving.api.deps import check_api_key, get_engine, get_settings
 from serving.api.errors import APIError
 from serving.api.logprobs import LogprobFormatter
-from serving.api.params import completion_prompts, resolve_model, sampling_params
-from serving.api.streams import SSE_DONE, collect, merge, sse, sse_error, submit
+from serving.api.params import completion_prompts, resolve_model, sampling_params, speculative_flag
+from serving.api.streams import SSE_DONE, SpecTally, collect, merge, sse, sse_error, submit
 from serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from serving.types import OutputStream
 
@@ -53,12 +53,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         prompt_logprobs=body.logprobs if body.echo else None,  # prompt scoring only when asked
     )
     rid = f"cmpl-{uuid.uuid4().hex}"
-    streams = submit(engine, rid, prompts, resolved, params)
+    streams = submit(engine, rid, prompts, resolved, params, speculative_flag(body))
     created = int(time.time())
     if body.stream:
         gen = stream_completion(rid, created, resolved.model_id, prompts, body, streams, fmt)
         return StreamingResponse(gen, media_type="text/event-stream")
-    results = await collect(request, streams)
+    tally = SpecTally()
+    results = await collect(request, streams, tally)
     choices, usage = [], Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
     for i, (prompt, (prompt_lps, seqs)) in enumerate(zip(prompts, results, strict=True)):
         usage.prompt_tokens += len(prompt)
@@ -83,6 +84,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                 )
             )
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    usage.speculative = tally.usage()
     return JSONResponse(
         CompletionResponse(id=rid, created=created, model=resolved.model_id, choices=choices, usage=usage).model_dump()
     )
@@ -102,6 +104,7 @@ async def stream_completion(
     completion_tokens = 0
     offsets: dict[int, int] = {}
     echoed: set[int] = set()
+    tally = SpecTally()
 
     def chunk(choices: list[CompletionChoice]) -> str:
         return sse(
@@ -113,6 +116,7 @@ async def stream_completion(
             if out.error:
                 yield sse_error(out.error)
                 return
+            tally.see(out)
             choices = []
             if body.echo and i not in echoed:  # the prompt once per choice, before its first tokens
                 echoed.add(i)
@@ -143,6 +147,7 @@ async def stream_completion(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 total_tokens=prompt_tokens + completion_tokens,
+                speculative=tally.usage(),
             )
             yield sse(CompletionResponse(id=rid, created=created, model=model_id, choices=[], usage=usage).model_dump())
         yield SSE_DONE

@@ -75,6 +75,14 @@ def resolve_model(body: Request, engine: EngineClient, allow_custom_placement: b
     return Resolved(body.model, p.name, p.placement)
 
 
+def speculative_flag(body: Request) -> bool | None:
+    """``speculative`` (or ``vllm_xargs.speculative``): force self-speculative decoding on or off."""
+    flag = body.speculative if body.speculative is not None else (body.vllm_xargs or {}).get("speculative")
+    if flag is not None and not isinstance(flag, bool):
+        raise APIError(400, f"speculative must be true or false, got {flag!r}", param="speculative")
+    return flag
+
+
 def sampling_params(
     body: Request, max_tokens: int, vocab_size: int, logprobs: int | None, prompt_logprobs: int | None
 ) -> SamplingParams:

@@ -12,8 +12,9 @@ from fastapi import Request
 
 from serving.api.errors import APIError, error_body
 from serving.api.params import Resolved
+from serving.protocol import SpeculativeUsage
 from serving.sampling import SamplingParams, TokenLogprobs
-from serving.types import EngineClient, GenerationRequest, OutputStream, RequestOutput
+from serving.types import EngineClient, GenerationRequest, OutputStream, RequestOutput, SpecUsage
 
 PromptLogprobs = list[TokenLogprobs | None] | None
 
@@ -29,13 +30,20 @@ class Choice:
 
 
 def submit(
-    engine: EngineClient, rid: str, prompts: list[list[int]], resolved: Resolved, params: SamplingParams
+    engine: EngineClient,
+    rid: str,
+    prompts: list[list[int]],
+    resolved: Resolved,
+    params: SamplingParams,
+    speculative: bool | None = None,
 ) -> list[OutputStream]:
     """One engine request per prompt (``<rid>-<i>``); if any is refused, the ones admitted are aborted."""
     streams: list[OutputStream] = []
     try:
         for i, ids in enumerate(prompts):
-            req = GenerationRequest(f"{rid}-{i}", ids, resolved.placement, params, preset=resolved.preset)
+            req = GenerationRequest(
+                f"{rid}-{i}", ids, resolved.placement, params, preset=resolved.preset, speculative=speculative
+            )
             streams.append(engine.submit(req))
     except Exception:
         for s in streams:
@@ -44,7 +52,35 @@ def submit(
     return streams
 
 
-async def collect(request: Request, streams: list[OutputStream]) -> list[tuple[PromptLogprobs, list[Choice]]]:
+class SpecTally:
+    """Self-speculative decoding counters over a response's engine requests (the usage's ``speculative`` key)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, SpecUsage] = {}  # request id -> its counters so far (outputs carry totals)
+
+    def see(self, out: RequestOutput) -> None:
+        if out.speculative is not None:
+            self.latest[out.request_id] = out.speculative
+
+    def usage(self) -> SpeculativeUsage | None:
+        if not self.latest:
+            return None
+        total = SpecUsage()
+        for u in self.latest.values():
+            total.add(u)
+        return SpeculativeUsage(
+            draft=total.draft,
+            draft_tokens=total.draft_tokens,
+            accepted_tokens=total.accepted_tokens,
+            verify_steps=total.verify_steps,
+            acceptance_rate=round(total.acceptance_rate, 4),
+            tokens_per_verify_step=round(total.tokens_per_verify_step, 4),
+        )
+
+
+async def collect(
+    request: Request, streams: list[OutputStream], spec: SpecTally | None = None
+) -> list[tuple[PromptLogprobs, list[Choice]]]:
     """Run a non-streaming request to the end; a client that hangs up aborts it."""
 
     async def one(stream: OutputStream) -> tuple[PromptLogprobs, list[Choice]]:
@@ -53,6 +89,8 @@ async def collect(request: Request, streams: list[OutputStream]) -> list[tuple[P
         async for out in stream:
             if out.error:
                 raise APIError(500, out.error)
+            if spec is not None:
+                spec.see(out)
             if out.prompt_logprobs is not None:
                 prompt_lps = out.prompt_logprobs
             for d in out.deltas:

@@ -236,3 +236,35 @@ def test_speculation_needs_a_draft(tiny_model, tiny_tokenizer):
     req = GenerationRequest("x", [5, 6], tiny_model.placement("all-fa"), SamplingParams(), "all-fa", speculative=True)
     with pytest.raises(EngineError, match="no draft preset"):
         engine.add_request(req)
+
+
+def test_http_request_field_usage_and_metrics(server, client):
+    """Through the OpenAI client: ``speculative`` on/off per request (greedy output unchanged), the counters in
+    the response's usage (non-streaming and streaming), and per-preset acceptance in /metrics."""
+    import httpx
+    import openai
+
+    kwargs = {"model": "tiny:all-fa", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
+    on = client.completions.create(**kwargs, extra_body={"speculative": True, "ignore_eos": True})
+    off = client.completions.create(**kwargs, extra_body={"speculative": False, "ignore_eos": True})
+    assert on.choices[0].text == off.choices[0].text
+    spec = on.usage.model_extra["speculative"]
+    assert spec["draft"] == server.engine.spec.config.drafts["all-fa"].draft
+    assert spec["verify_steps"] > 0 and 0 <= spec["acceptance_rate"] <= 1
+    assert spec["tokens_per_verify_step"] == pytest.approx(1 + spec["accepted_tokens"] / spec["verify_steps"], abs=1e-3)
+    assert "speculative" not in (off.usage.model_extra or {})
+    stream = client.chat.completions.create(
+        model="tiny:all-fa",
+        messages=[{"role": "user", "content": "Call me Ishmael."}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"speculative": True},
+    )
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert usage and usage[-1].model_extra["speculative"]["verify_steps"] > 0
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'supernet_spec_decode_acceptance_rate{preset="all-fa"}' in metrics
+    assert 'supernet_spec_decode_tokens_per_verify_step{preset="all-fa"}' in metrics
+    with pytest.raises(openai.BadRequestError, match="speculative"):
+        client.completions.create(**kwargs, extra_body={"vllm_xargs": {"speculative": "yes"}})
