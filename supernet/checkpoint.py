@@ -35,8 +35,16 @@ def _crc(t: torch.Tensor) -> str:
     return f"{zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes()) & 0xFFFFFFFF:08x}"
 
 
-def save_supernet(model: SupernetForCausalLM, directory: str | Path, *, delta: bool | None = None) -> Path:
-    """Write config + weights into ``directory``. ``delta`` defaults to True when the config names a base model."""
+def save_supernet(
+    model: SupernetForCausalLM,
+    directory: str | Path,
+    *,
+    delta: bool | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write config + weights into ``directory``. ``delta`` defaults to True when the config names a base model.
+    ``dtype`` stores floating-point tensors in that type (bf16 halves a shipped checkpoint; loading casts back
+    to the dtype asked of :func:`load_supernet`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if delta is None:
@@ -44,7 +52,7 @@ def save_supernet(model: SupernetForCausalLM, directory: str | Path, *, delta: b
     if delta and model.config.base_model is None:
         raise ValueError("a delta checkpoint needs config.base_model (the teacher the trunk comes from)")
     state = {
-        k: v.detach().cpu().contiguous()
+        k: v.detach().cpu().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
         for k, v in model.state_dict().items()
         if not delta or ".mixers." in k
     }

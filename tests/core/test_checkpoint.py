@@ -33,6 +33,18 @@ def test_save_load_is_bit_exact(tiny_supernet, tmp_path: Path, delta: bool) -> N
         assert torch.equal(model(ids, "fa,swa,gdn,kda").logits, loaded(ids, "fa,swa,gdn,kda").logits)
 
 
+def test_bf16_storage_rounds_each_weight_once(tiny_supernet, tmp_path: Path) -> None:
+    """A bf16 checkpoint (the shipped demo's storage) loads back as exactly the bf16-rounded fp32 weights."""
+    model = perturbed(tiny_supernet, seed=13)
+    save_supernet(model, tmp_path, delta=False, dtype=torch.bfloat16)
+    with open(tmp_path / WEIGHTS, "rb") as fh:  # half the bytes of fp32 (plus the header)
+        assert len(fh.read()) < 0.6 * sum(v.numel() * 4 for v in model.state_dict().values())
+    loaded = load_supernet(tmp_path)
+    for key, value in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == torch.float32
+        assert torch.equal(loaded.state_dict()[key], value.to(torch.bfloat16).float()), key
+
+
 def test_full_mixer_weights_round_trip(tiny_teacher, tmp_path: Path) -> None:
     model = perturbed(build_from_teacher(tiny_teacher, mixer_weights="full"), seed=12)
     save_supernet(model, tmp_path)
