@@ -34,6 +34,7 @@ from supernet.cache import DeltaState, LayerState
 from supernet.config import DeltaConfig, SupernetConfig
 from supernet.layers import AttentionProjections, Linear
 from supernet.mixers.base import Mixer, MixerContext, MixerProjections
+from supernet.mixers.delta_decode import decode_step, use_fast_decode
 
 SILU_ONE = 1.2784645  # silu(SILU_ONE) == 1.0: the GDN output gate's neutral bias
 SIGMOID_NEUTRAL = 5.0  # sigmoid(5) ~= 0.993: KDA's near-open gate
@@ -102,6 +103,8 @@ class DeltaMixer(Mixer):
     def forward(
         self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext, states: list[LayerState] | None
     ) -> Tensor:
+        if use_fast_decode(x, states):
+            return decode_step(self, x, base, states)
         b, t, _ = x.shape
         qkv = raw = torch.cat(self.proj.qkv(x, base), dim=-1)
         conv_state = None if states is None else torch.stack([s.conv for s in states])
