@@ -51,6 +51,11 @@ def serve(
         float, typer.Option(help="seconds Ctrl-C waits for in-flight requests")
     ] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    backend: Annotated[
+        str, typer.Option(help="'embedded' (this package's engine) or 'vllm' (vLLM's engine, docs/vllm.md)")
+    ] = "embedded",
+    tensor_parallel_size: Annotated[int, typer.Option(help="vllm backend: GPUs per model replica")] = 1,
+    dtype: Annotated[str, typer.Option(help="vllm backend: weight dtype (auto, float32, bfloat16, ...)")] = "auto",
 ) -> None:
     """Serve a supernet over an OpenAI-compatible HTTP API (every preset is a model id)."""
     import supernet
@@ -92,6 +97,19 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         log_level=log_level.lower(),
     )
+    if backend not in ("embedded", "vllm"):
+        fail(f"--backend {backend!r}: expected 'embedded' or 'vllm'")
+    if backend == "vllm":
+        try:
+            from serving.vllm.client import VllmSettings
+            from serving.vllm.server import serve as serve_vllm
+        except ImportError as err:
+            fail(f"--backend vllm needs vLLM installed (pip install '.[vllm]'): {err}")
+        settings = VllmSettings(tensor_parallel_size=tensor_parallel_size, dtype=dtype)
+
+        def run(model_dir, options):  # noqa: F811 - the vLLM backend's serve
+            serve_vllm(model_dir, options, settings)
+
     try:
         run(model if model is not None else supernet.DEMO_DIR, options)
     except (ServeError, PresetError) as err:

@@ -101,7 +101,7 @@ def generate(
 
 # Subcommands that live with their subsystem: each module exposes ``register(app)`` and imports its heavy
 # dependencies inside the command bodies, so `supernet --help` stays fast.
-SUBCOMMAND_MODULES = ("supernet.training.cli", "placement.cli", "serving.cli")
+SUBCOMMAND_MODULES = ("supernet.training.cli", "placement.cli", "serving.cli", "supernet.export", "supernet.apriel2")
 
 
 def _register_subcommands() -> None:

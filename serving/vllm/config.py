@@ -21,7 +21,8 @@ from transformers import PretrainedConfig
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from serving.presets import PresetError, PresetTable, load_presets, load_presets_file, table_from_specs
-from supernet.config import MIXER_NAMES, MODEL_TYPE, SupernetConfig
+from supernet.config import MODEL_TYPE, SupernetConfig
+from supernet.export import layer_mixers
 
 log = logging.getLogger("serving.vllm")
 
@@ -93,13 +94,9 @@ def served_presets(model_dir: str | Path, num_layers: int, options: dict[str, An
     return table
 
 
-def layer_mixers(table: PresetTable, num_layers: int) -> list[tuple[str, ...]]:
-    """Per layer, the mixers some served preset uses there (in MIXER_NAMES order): what gets a cache."""
-    used = [set() for _ in range(num_layers)]
-    for preset in table.presets.values():
-        for i, name in enumerate(preset.placement):
-            used[i].add(name)
-    return [tuple(m for m in MIXER_NAMES if m in names) for names in used]
+def served_layer_mixers(table: PresetTable, num_layers: int) -> list[tuple[str, ...]]:
+    """Per layer, the mixers some served preset uses there: what gets a cache (and weights)."""
+    return layer_mixers([p.placement for p in table.presets.values()], num_layers)
 
 
 class SupernetVllmConfig(VerifyAndUpdateConfig):
@@ -107,7 +104,8 @@ class SupernetVllmConfig(VerifyAndUpdateConfig):
 
     * Prefix caching is turned off: vLLM's block hashes carry no placement, so two presets would share KV
       computed under different mixers (and GDN/KDA states have no per-block snapshots here).
-    * The preset router (a logits processor, serving.vllm.router) is added so requests can pick a preset.
+    * The preset router (a logits processor, serving.vllm.router) is added so requests can pick a preset, and
+      its worker extension so ``collective_rpc("set_default_preset", ...)`` switches the engine-wide default.
     * Tensor parallelism is refused: the projections are not sharded (size 1 only).
     """
 
@@ -128,6 +126,9 @@ class SupernetVllmConfig(VerifyAndUpdateConfig):
         if router.ROUTER_FQCN not in procs and router.PresetRouter not in procs:
             procs.append(router.ROUTER_FQCN)
             model_config.logits_processors = procs
+        parallel = vllm_config.parallel_config
+        if not parallel.worker_extension_cls:
+            parallel.worker_extension_cls = router.WORKER_EXTENSION
         hf = model_config.hf_config
         table = served_presets(model_config.model, hf.num_hidden_layers, plugin_options(vllm_config))
         router.remember_presets(table)

@@ -108,8 +108,16 @@ class SupernetMixer(nn.Module):
     """The token-mixing half of one decoder layer: the layer's mixers (weights owned by the model) plus a
     cache per served mixer, dispatched per row through the ``supernet_mix`` op."""
 
-    def __init__(self, layer: DecoderLayer, rotary: nn.Module, index: int, num_layers: int,
-                 mixers: tuple[str, ...], root: str, cache_config) -> None:
+    def __init__(
+        self,
+        layer: DecoderLayer,
+        rotary: nn.Module,
+        index: int,
+        num_layers: int,
+        mixers: tuple[str, ...],
+        root: str,
+        cache_config,
+    ) -> None:
         super().__init__()
         # not submodules: their weights are registered once, under the model
         self.__dict__["layer"], self.__dict__["rotary"] = layer, rotary
@@ -122,8 +130,12 @@ class SupernetMixer(nn.Module):
             cname = self.cache_names[name] = cache_name(root, name, index, num_layers)
             if name in ("fa", "swa"):
                 caches[name] = Attention(
-                    mixer.num_heads, mixer.head_dim, mixer.head_dim**-0.5, mixer.num_kv_heads,
-                    cache_config=cache_config, prefix=cname,
+                    mixer.num_heads,
+                    mixer.head_dim,
+                    mixer.head_dim**-0.5,
+                    mixer.num_kv_heads,
+                    cache_config=cache_config,
+                    prefix=cname,
                 )
             else:
                 width = mixer.num_heads * mixer.head_dim

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from vllm.config import VllmConfig
 
-from serving.vllm.config import layer_mixers, plugin_options, served_presets
+from serving.vllm.config import plugin_options, served_layer_mixers, served_presets
 from serving.vllm.layers import SupernetMixer
 from serving.vllm.router import ROUTING
 from serving.vllm.weights import load_supernet_weights
@@ -39,7 +39,7 @@ class HybridSupernetForCausalLM(nn.Module):
         self.presets = served_presets(self.model_dir, num_layers, plugin_options(vllm_config))
         ROUTING.configure(self.presets)
         self.net = SupernetForCausalLM(config)
-        self.layer_mixers = layer_mixers(self.presets, num_layers)
+        self.layer_mixers = served_layer_mixers(self.presets, num_layers)
         for layer, keep in zip(self.net.layers, self.layer_mixers, strict=True):
             for name in MIXER_NAMES:
                 if name not in keep:

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - exercised only without vLLM
 log = logging.getLogger("serving.vllm")
 
 ROUTER_FQCN = "serving.vllm.router:PresetRouter"
+WORKER_EXTENSION = "serving.vllm.router.RouterWorkerExtension"
 _KNOWN: dict[str, None] = {}  # presets an engine built in this process serves (request validation)
 
 
@@ -103,6 +104,14 @@ def set_default_preset(name: str) -> str:
     previous = ROUTING.name(ROUTING.default)
     ROUTING.set_default(name)
     return previous
+
+
+class RouterWorkerExtension:
+    """Mixed into vLLM's worker (``worker_extension_cls``) so ``collective_rpc("set_default_preset", args=(name,))``
+    switches the engine-wide default from ``LLM`` / ``AsyncLLM``."""
+
+    def set_default_preset(self, name: str) -> str:
+        return set_default_preset(name)
 
 
 class PresetRouter(LogitsProcessor):

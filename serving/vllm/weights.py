@@ -8,22 +8,14 @@ checkpoint then overwrites).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from supernet.checkpoint import CheckpointError, read_tensors
+from supernet.export import mixer_of
 from supernet.model import SupernetForCausalLM
-
-_MIXER = re.compile(r"^layers\.(\d+)\.mixers\.([a-z]+)\.")
-
-
-def mixer_of(name: str) -> tuple[int, str] | None:
-    """(layer, mixer) for a tensor under ``layers.<i>.mixers.<name>.``, else None (trunk)."""
-    match = _MIXER.match(name)
-    return (int(match[1]), match[2]) if match else None
 
 
 @torch.no_grad()

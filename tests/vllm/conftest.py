@@ -36,6 +36,7 @@ def vllm_env() -> dict[str, str]:
         OMP_NUM_THREADS="1",
         VLLM_LOGGING_LEVEL="WARNING",
         TOKENIZERS_PARALLELISM="false",
+        VLLM_SERVER_DEV_MODE="1",  # vLLM's /collective_rpc: the engine-wide preset switch
     )
     return env
 
@@ -52,9 +53,17 @@ def build_tiny_supernet(root: Path, *, perturb: float = 0.05) -> Path:
     tokenizer = make_tiny_tokenizer(vocab_size=384)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-        bos_token_id=0, eos_token_id=0, rope_theta=10000.0,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=0,
+        rope_theta=10000.0,
     )
     teacher = LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -102,7 +111,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: list[str], port: int, log: Path, timeout: float = 420.0) -> subprocess.Popen:
+def start_server(cmd: list[str], port: int, log: Path, timeout: float = 900.0) -> subprocess.Popen:
     """Start a server process and wait until /health answers 200 (or fail with its log)."""
     import httpx
 
@@ -135,8 +144,17 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 ENGINE_ARGS = [
-    "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4",
-    "--max-num-batched-tokens", "32", "--seed", "0",
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--max-model-len",
+    "256",
+    "--max-num-seqs",
+    "4",
+    "--max-num-batched-tokens",
+    "32",
+    "--seed",
+    "0",
 ]
 
 
@@ -147,9 +165,20 @@ def vllm_openai_server(tiny_vllm_supernet, tmp_path_factory):
 
     port = free_port()
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_vllm_supernet),
-        "--served-model-name", "tiny", "--port", str(port), "--host", "127.0.0.1", *ENGINE_ARGS,
-        "--additional-config", json.dumps({"supernet": {"presets": PRESETS, "default": "all-fa"}}),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_vllm_supernet),
+        "--served-model-name",
+        "tiny",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        *ENGINE_ARGS,
+        "--additional-config",
+        json.dumps({"supernet": {"presets": PRESETS, "default": "all-fa"}}),
     ]
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"
     proc = start_server(cmd, port, log)

@@ -20,9 +20,7 @@ def complete(client, preset: str | None, prompt: list[int], max_tokens: int = 12
     extra = {"return_token_ids": True, "ignore_eos": True}
     if preset is not None:
         extra["vllm_xargs"] = {"preset": preset}
-    out = client.completions.create(
-        model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra
-    )
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra)
     return list(out.choices[0].model_extra["token_ids"])
 
 
@@ -66,7 +64,10 @@ def test_chat_completion_with_vllm_xargs(client, embedded_greedy):
     messages = [{"role": "user", "content": "a single man in possession"}]
     chat = {
         preset: client.chat.completions.create(
-            model="tiny", messages=messages, max_tokens=8, temperature=0,
+            model="tiny",
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
             extra_body={"vllm_xargs": {"preset": preset}, "ignore_eos": True, "return_token_ids": True},
         )
         for preset in ("all-fa", "all-kda")
@@ -80,3 +81,24 @@ def test_unknown_preset_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as err:
         complete(client, "no-such-preset", PROMPT_IDS[:5])
     assert "no-such-preset" in str(err.value) and "all-gdn" in str(err.value)
+
+
+def test_engine_wide_switch_changes_the_default_only(vllm_openai_server, client, embedded_greedy):
+    """collective_rpc("set_default_preset") (the plugin's worker extension) switches what requests without a
+    preset run; requests naming a preset are unaffected and nothing needs a restart or a cache wipe."""
+    import httpx
+
+    root = vllm_openai_server.removesuffix("/v1")
+
+    def switch(name: str) -> list:
+        r = httpx.post(f"{root}/collective_rpc", json={"method": "set_default_preset", "args": [name]}, timeout=60)
+        r.raise_for_status()
+        return r.json()["results"]
+
+    assert switch("all-kda") == ["all-fa"]  # returns the previous default
+    try:
+        assert complete(client, None, PROMPT_IDS) == embedded_greedy("all-kda")
+        assert complete(client, "all-gdn", PROMPT_IDS) == embedded_greedy("all-gdn")
+    finally:
+        switch("all-fa")
+    assert complete(client, None, PROMPT_IDS) == embedded_greedy("all-fa")
