@@ -106,7 +106,8 @@ class SupernetVllmConfig(VerifyAndUpdateConfig):
       computed under different mixers (and GDN/KDA states have no per-block snapshots here).
     * The preset router (a logits processor, serving.vllm.router) is added so requests can pick a preset, and
       its worker extension so ``collective_rpc("set_default_preset", ...)`` switches the engine-wide default.
-    * Tensor parallelism is refused: the projections are not sharded (size 1 only).
+    * Tensor parallelism is refused: the projections are not sharded (size 1 only). So is speculative decoding:
+      vLLM turns custom logits processors off with it, and the router is one.
     """
 
     @classmethod
@@ -116,6 +117,11 @@ class SupernetVllmConfig(VerifyAndUpdateConfig):
         if vllm_config.parallel_config.tensor_parallel_size != 1:
             raise ValueError(
                 "the supernet vLLM plugin runs with tensor_parallel_size=1 only (its projections are not sharded)"
+            )
+        if vllm_config.speculative_config is not None:
+            raise ValueError(
+                "the supernet vLLM plugin routes presets through a logits processor, which vLLM disables with "
+                "speculative decoding; serve without it (the embedded engine has self-speculative decoding)"
             )
         cache = vllm_config.cache_config
         if cache.enable_prefix_caching:
