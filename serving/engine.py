@@ -283,10 +283,9 @@ class LLMEngine:
             start = group.num_prefilled
             chunk = prompt[start : start + budget]
             want_lp = group.prompt_logprobs is not None
-            spec = group.seqs[0].spec  # the draft's caches take the prompt in the same forward
-            logits = self.runner.prefill(
-                group.seqs[0].state, chunk, all_logits=want_lp, also=[spec.state] if spec else ()
-            )
+            logits = self.runner.prefill(group.seqs[0].state, chunk, all_logits=want_lp)
+            if group.seqs[0].spec is not None:  # the draft's own caches take the prompt too
+                self.spec.prefill(group.seqs[0].spec, start, chunk)
             group.num_prefilled += len(chunk)
             budget -= len(chunk)
             if want_lp:

@@ -41,16 +41,9 @@ class ModelRunner:
         out = self.model(ids, states=list(states), num_logits_to_keep=1 if last_only else 0)
         return out.logits.float()
 
-    def prefill(
-        self,
-        state: SequenceState,
-        tokens: Sequence[int],
-        all_logits: bool = False,
-        also: Sequence[SequenceState] = (),
-    ) -> Tensor:
-        """One prompt chunk of one sequence; logits [T, V] (all_logits) or [1, V]. ``also``: more states (a
-        speculative draft's, on its own placement) that take the same tokens in the same forward."""
-        return self.forward([tokens] * (1 + len(also)), [state, *also], last_only=not all_logits)[0]
+    def prefill(self, state: SequenceState, tokens: Sequence[int], all_logits: bool = False) -> Tensor:
+        """One prompt chunk of one sequence; logits [T, V] (all_logits) or [1, V]."""
+        return self.forward([tokens], [state], last_only=not all_logits)[0]
 
     def decode(self, states: Sequence[SequenceState], tokens: Sequence[int]) -> Tensor:
         """One token for each of many sequences, whatever their placements; logits [B, V]."""

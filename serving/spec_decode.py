@@ -44,6 +44,7 @@ class Speculation:
     lag: list[int] = field(default_factory=list)  # accepted tokens the draft has not consumed yet
     accepted_w: float = 0.0  # decayed counts behind the running acceptance rate
     trials_w: float = 0.0
+    skip: tuple[int, int] = (0, 0)  # prompt positions the draft's prefill can leave out (see SpeculativeDecoder)
     pause: int = 0  # steps left without speculating
     forced: bool = False  # the request asked for speculation: k >= 1 even where the cost model says no
     usage: SpecUsage = field(default_factory=SpecUsage)
@@ -147,9 +148,28 @@ class SpeculativeDecoder:
         model = self.runner.model
         ratio = step_bytes(model, plan.placement, total) / step_bytes(model, request.placement, total)
         state = self.runner.new_state(plan.placement, total)
-        return Speculation(
-            plan.draft, state, ratio, self.k_cap, forced=request.speculative is True, usage=SpecUsage(plan.draft)
-        )
+        sp = Speculation(plan.draft, state, ratio, self.k_cap, forced=request.speculative is True)
+        sp.usage.draft = plan.draft
+        if set(plan.placement) == {"swa"}:
+            cfg = model.config
+            reach = (cfg.num_hidden_layers + 1) * cfg.swa.window  # how far back the last window's keys depend
+            sp.skip = (cfg.swa.sinks, max(cfg.swa.sinks, len(request.prompt_ids) - reach))
+        return sp
+
+    def prefill(self, sp: Speculation, start: int, chunk: list[int]) -> None:
+        """Feed the draft its part of the prompt chunk at positions [start, start + len(chunk)).
+
+        A draft made only of SWA layers needs just the attention sinks and the last ``layers x window``
+        prompt tokens: a key at layer l depends on at most ``l + 1`` windows of tokens before it, so its caches
+        at the end of the prompt are the same whether or not the middle was fed (the ring holds absolute
+        positions, and the skipped ones are simply absent). For a 32k prompt and the demo's all-SWA draft that
+        is 7.7k tokens of draft prefill instead of 32k. Any other draft takes the whole prompt."""
+        lo, hi = sp.skip
+        end = start + len(chunk)
+        for a, b in ((start, min(end, lo)), (max(start, hi), end)) if hi > lo else ((start, end),):
+            if a < b:
+                sp.state.length = a  # jump over skipped positions: rotary and the ring use absolute ones
+                self.runner.forward([chunk[a - start : b - start]], [sp.state])
 
     # ---- one decode step ------------------------------------------------------------------------------
 

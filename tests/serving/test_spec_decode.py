@@ -268,3 +268,26 @@ def test_http_request_field_usage_and_metrics(server, client):
     assert 'supernet_spec_decode_tokens_per_verify_step{preset="all-fa"}' in metrics
     with pytest.raises(openai.BadRequestError, match="speculative"):
         client.completions.create(**kwargs, extra_body={"vllm_xargs": {"speculative": "yes"}})
+
+
+def test_all_swa_draft_prefill_skips_the_middle_of_the_prompt(tiny_model, tiny_tokenizer):
+    """An all-SWA draft takes only the sinks and the last (layers + 1) x window prompt tokens: its caches at the
+    end of a 120-token prompt equal those of a full prefill (to fp32 rounding), with 70 positions never fed."""
+    from serving.runner import ModelRunner
+    from serving.spec_decode import SpeculativeDecoder
+
+    ids = (tiny_tokenizer(PROMPT * 4)["input_ids"] * 3)[:120]
+    runner = ModelRunner(tiny_model)
+    dec = SpeculativeDecoder(runner, spec_config(tiny_model, {"all-fa": "all-swa"}))
+    req = GenerationRequest("x", ids, tiny_model.placement("all-fa"), SamplingParams(max_tokens=4), "all-fa", True)
+    sp = dec.start(req, dec.config.drafts["all-fa"])
+    assert sp.skip == (2, 120 - 5 * 8)
+    for start in range(0, len(ids), 16):
+        dec.prefill(sp, start, ids[start : start + 16])
+    full = runner.new_state(tiny_model.placement("all-swa"), 130)
+    runner.forward([ids], [full])
+    assert sp.state.length == full.length == 120
+    for x, y in zip(sp.state.layers, full.layers, strict=True):
+        assert torch.equal(x.pos, y.pos)
+        torch.testing.assert_close(x.k, y.k, atol=1e-5, rtol=0)
+        torch.testing.assert_close(x.v, y.v, atol=1e-5, rtol=0)
