@@ -8,7 +8,8 @@ a panel queries against the /metrics of a live server. Regenerate after editing:
 
 Panels follow what the server exports (serving/metrics.py), per preset where the metric has the label: token
 throughput, request rate by finish reason, time-to-first-token / inter-token / end-to-end latency percentiles
-(from the Prometheus histograms), queue and running sequences, rejected requests by status, cache reservation.
+(from the Prometheus histograms), queue and running sequences, rejected requests by status, self-speculative
+decoding (acceptance and tokens per verify step, per target preset), cache reservation.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def quantiles(metric: str) -> list[prometheus.Dataquery]:
         )
         for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))
     ]
+
+
+def spec(counter: str) -> str:
+    """Per-preset rate of one of the self-speculative decoding counters."""
+    return f"sum by (preset) (rate(supernet_spec_decode_{counter}_total{{{PRESET}}}{RATE}))"
 
 
 def series(title: str, unit: str, targets: list[prometheus.Dataquery], description: str) -> timeseries.Panel:
@@ -166,6 +172,22 @@ def build() -> dict:
                 "reqps",
                 [query(f"sum by (status) (rate(supernet_requests_rejected_total{RATE}))", "HTTP {{status}}")],
                 "Refused before admission; 429 means the queue (--max-queue) was full",
+            )
+        )
+        .with_panel(
+            series(
+                "Speculation: draft acceptance",
+                "percentunit",
+                [query(f"{spec('accepted_tokens')} / {spec('draft_tokens')}", "{{preset}}")],
+                "Self-speculative decoding, by target preset: drafted tokens the target accepted",
+            )
+        )
+        .with_panel(
+            series(
+                "Speculation: tokens per verify step",
+                "short",
+                [query(f"({spec('accepted_tokens')} + {spec('verify_steps')}) / {spec('verify_steps')}", "{{preset}}")],
+                "Tokens emitted per target forward that verified a draft (1 = no gain)",
             )
         )
         .with_panel(

@@ -21,7 +21,7 @@ import yaml
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.deploy.helpers import DEPLOY, dashboard_queries, for_prometheus, metric_names
+from tests.deploy.helpers import DEPLOY, DOCKERFILES, dashboard_queries, dockerfile, for_prometheus, metric_names
 from tests.serving.conftest import build_tiny_checkpoint, free_port
 
 API_KEY = "deploy-test-key"
@@ -38,7 +38,8 @@ def wait_for(url: str, proc: subprocess.Popen, seconds: float) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {seconds} s")
+    proc.kill()
+    raise RuntimeError(f"{url} did not answer within {seconds} s:\n{proc.communicate(timeout=30)[0]}")
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +70,24 @@ def entry(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(url + "/health", proc, 90)
+        wait_for(url + "/health", proc, 180)  # generous: a busy 2-core box is slow to import torch
         yield proc, url
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def run_healthchecks(port: int) -> list[int]:
+    """Each image's HEALTHCHECK command (exec form, `python` being the image's venv), run here against ``port``."""
+    codes = []
+    for path in DOCKERFILES:
+        (health,) = [i["value"] for i in dockerfile(path).structure if i["instruction"] == "HEALTHCHECK"]
+        argv = json.loads(health.split(" CMD ", 1)[1])
+        assert argv[0] == "python"
+        env = {**os.environ, "SUPERNET_PORT": str(port)}
+        codes.append(subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30).returncode)
+    return codes
 
 
 def client(url: str, key: str = API_KEY) -> OpenAI:
@@ -83,6 +96,7 @@ def client(url: str, key: str = API_KEY) -> OpenAI:
 
 def test_entry_command_serves_requests(entry):
     proc, url = entry
+    assert run_healthchecks(int(url.rsplit(":", 1)[1])) == [0, 0]  # the images' health checks pass
     api = client(url)
     ids = [m.id for m in api.models.list().data]
     assert "tiny" in ids and any(i.startswith("tiny:") for i in ids)  # every preset is a model id
@@ -90,6 +104,10 @@ def test_entry_command_serves_requests(entry):
         model="tiny", messages=[{"role": "user", "content": "Call me Ishmael."}], max_tokens=8, temperature=0
     )
     assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens >= 1
+    spec = api.completions.create(  # self-speculative decoding, forced on: its counters get samples
+        model="tiny", prompt="It is a truth", max_tokens=12, temperature=0, extra_body={"speculative": True}
+    )
+    assert spec.usage.completion_tokens >= 1
     preset = next(i for i in ids if i.startswith("tiny:"))
     text = api.completions.create(model=preset, prompt="The quick brown fox", max_tokens=6, temperature=0)
     assert text.usage.completion_tokens >= 1
@@ -151,11 +169,17 @@ def test_prometheus_scrapes_the_server_and_evaluates_every_panel(entry, tmp_path
         return body["data"]["result"]
 
     try:
-        wait_for(prom_url + "/-/ready", prom, 60)
+        wait_for(prom_url + "/-/ready", prom, 120)
         api = client(url)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:  # traffic between scrapes, until Prometheus has several scrapes of a busy server
-            api.completions.create(model="tiny", prompt="To be, or not to be", max_tokens=4, temperature=0)
+            api.completions.create(
+                model="tiny",
+                prompt="To be, or not to be",
+                max_tokens=6,
+                temperature=0,
+                extra_body={"speculative": True},
+            )
             scrapes = query('count_over_time(up{job="supernet"}[1m])')
             if scrapes and float(scrapes[0]["value"][1]) >= 4 and query("up") and query("up")[0]["value"][1] == "1":
                 break
@@ -194,3 +218,4 @@ def test_sigterm_drains_in_flight_requests_then_exits(entry):
     assert "supernet serve" in output and API_KEY not in output  # the resolved command, secret not shown
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+    assert all(code != 0 for code in run_healthchecks(int(url.rsplit(":", 1)[1])))  # and now fail
