@@ -3,8 +3,8 @@ memory budget per sequence; plus the ``--allowed`` syntax."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from supernet.config import MIXER_NAMES
 from supernet.placement import PlacementError, canonical_mixer
@@ -20,24 +20,24 @@ class Constraints:
     allowed: list[tuple[str, ...]] | None = None  # per layer; None = every mixer everywhere
     min_fa: int = 0
     kv_budget: float | None = None  # bytes per sequence (at the cost model's context)
+    per_layer: list[tuple[str, ...]] = field(init=False)  # ``allowed`` with None filled in
 
     def __post_init__(self) -> None:
-        if self.allowed is None:
-            self.allowed = [MIXER_NAMES] * self.num_layers
-        if len(self.allowed) != self.num_layers:
+        self.per_layer = list(self.allowed) if self.allowed is not None else [MIXER_NAMES] * self.num_layers
+        if len(self.per_layer) != self.num_layers:
             raise PlacementError(
-                f"allowed mixers given for {len(self.allowed)} layer(s) but the model has {self.num_layers}"
+                f"allowed mixers given for {len(self.per_layer)} layer(s) but the model has {self.num_layers}"
             )
         if not 0 <= self.min_fa <= self.num_layers:
             raise InfeasibleError(
                 f"--min-fa {self.min_fa}: must be between 0 and the number of layers ({self.num_layers})"
             )
-        fa_slots = sum("fa" in a for a in self.allowed)
+        fa_slots = sum("fa" in a for a in self.per_layer)
         if fa_slots < self.min_fa:
             raise InfeasibleError(f"--min-fa {self.min_fa} is infeasible: FA is allowed on only {fa_slots} layer(s)")
 
-    def admits(self, placement: Sequence[str], kv_bytes: dict[str, float] | None = None) -> bool:
-        if any(m not in a for m, a in zip(placement, self.allowed, strict=True)):
+    def admits(self, placement: Sequence[str], kv_bytes: Mapping[str, float] | None = None) -> bool:
+        if any(m not in a for m, a in zip(placement, self.per_layer, strict=True)):
             return False
         if sum(m == "fa" for m in placement) < self.min_fa:
             return False

@@ -21,9 +21,10 @@ state).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -117,15 +118,22 @@ def _param_counts(config: SupernetConfig) -> tuple[dict[str, int], int, int]:
     return per_mixer, shared, head
 
 
+def swa_keys(config: SupernetConfig) -> int:
+    """Keys an SWA layer keeps at most: its window plus the attention sinks."""
+    if config.swa.window is None:
+        raise ValueError("this config's SWA mixer has no window")
+    return config.swa.window + config.swa.sinks
+
+
 def state_bytes(config: SupernetConfig, context: int, cache_dtype_bytes: int) -> dict[str, int]:
     """Per layer, per sequence: what each mixer keeps at ``context`` tokens."""
-    fa, swa, gdn = config.fa, config.swa, config.gdn
+    fa, gdn = config.fa, config.gdn
     kv = lambda n: 2 * n * fa.num_kv_heads * fa.head_dim * cache_dtype_bytes  # noqa: E731
     delta = (
         gdn.num_heads * gdn.head_dim * gdn.head_dim * 4
         + 3 * gdn.num_heads * gdn.head_dim * (gdn.conv_kernel - 1) * cache_dtype_bytes
     )
-    return {"fa": kv(context), "swa": kv(min(context, swa.window + swa.sinks)), "gdn": delta, "kda": delta}
+    return {"fa": kv(context), "swa": kv(min(context, swa_keys(config))), "gdn": delta, "kda": delta}
 
 
 def analytic_cost_model(
@@ -142,14 +150,14 @@ def analytic_cost_model(
     g = GPUS[gpu]
     params, shared_params, head = _param_counts(config)
     states = state_bytes(config, context, cache_bytes)
-    fa, swa, dn = config.fa, config.swa, config.gdn
+    fa, dn = config.fa, config.gdn
     roof = lambda nbytes, flops: max(nbytes / g.bandwidth, flops / g.flops)  # noqa: E731
     delta_flops = 6 * dn.num_heads * dn.head_dim * dn.head_dim  # decay, k^T S, rank-1 update, q^T S per token
 
     def decode(name: str) -> float:
         w = params[name]
         if name in ("fa", "swa"):
-            seen = context if name == "fa" else min(context, swa.window + swa.sinks)
+            seen = context if name == "fa" else min(context, swa_keys(config))
             return roof(
                 w * weight_bytes + batch * states[name],
                 batch * (2 * w + 4 * seen * fa.num_heads * fa.head_dim),
@@ -160,7 +168,7 @@ def analytic_cost_model(
     def prefill(name: str, n: int) -> float:
         w = params[name]
         if name in ("fa", "swa"):
-            span = n / 2 if name == "fa" else min(n / 2, swa.window + swa.sinks)
+            span = n / 2 if name == "fa" else min(n / 2, swa_keys(config))
             flops = 2 * w * n + 4 * n * span * fa.num_heads * fa.head_dim
             return roof(w * weight_bytes + 2 * n * fa.num_kv_heads * fa.head_dim * cache_bytes, flops)
         chunk = 64
@@ -258,8 +266,8 @@ def measure_cost_model(
             y @ model.embed_tokens.weight.T
         return time.perf_counter() - t0
 
-    jobs = {
-        **{m: (lambda m=m: decode_once(m)) for m in MIXER_NAMES},
+    jobs: dict[str, Callable[[], float]] = {
+        **{m: functools.partial(decode_once, m) for m in MIXER_NAMES},
         "_shared": shared_once,
         "_head": head_once,
     }
@@ -279,7 +287,7 @@ def measure_cost_model(
             layer.mlp(layer.post_attention_layernorm(xp))
             return time.perf_counter() - t0
 
-        jobs.update({f"prefill_{m}": (lambda m=m: prefill_once(m)) for m in MIXER_NAMES})
+        jobs.update({f"prefill_{m}": functools.partial(prefill_once, m) for m in MIXER_NAMES})
         jobs["prefill_shared"] = prefill_shared_once
     for job in jobs.values():  # warm-up
         job()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +54,7 @@ def dp_front(
     costs: dict[str, float],
     constraints: Constraints | None = None,
     *,
-    kv_bytes: dict[str, float] | None = None,
+    kv_bytes: Mapping[str, float] | None = None,
     steps_per_fa: int | None = 200,
     kv_steps: int = 64,
 ) -> list[FrontPoint]:
@@ -87,7 +87,7 @@ def dp_front(
     digits = [[(s // nm**j) % nm for j in range(d)] for s in range(S)]
     for l in range(L):
         new = np.full_like(V, NEG)
-        allowed = [mixers.index(m) for m in cons.allowed[l]]
+        allowed = [mixers.index(m) for m in cons.per_layer[l]]
         live = [s for s in range(S) if np.isfinite(V[s]).any()]
         for s in live:
             for m in allowed:
@@ -116,8 +116,8 @@ def dp_front(
     for r in range(R):
         if best[r] > running + 1e-12:
             running = best[r]
-            s, k = np.unravel_index(int(np.argmax(final[:, r, :])), (S, K))
-            placement = _backtrack(back_choice, back_fa, mixers, int(s), r, F - 1, int(k), ic, ik, d)
+            end_state, end_kv = np.unravel_index(int(np.argmax(final[:, r, :])), (S, K))
+            placement = _backtrack(back_choice, back_fa, mixers, int(end_state), r, F - 1, int(end_kv), ic, ik, d)
             points.append(FrontPoint(placement, float(best[r]), r * unit, r))
     return points
 
@@ -150,12 +150,12 @@ def brute_force_front(
     tables: QualityTables,
     costs: dict[str, int],
     constraints: Constraints | None = None,
-    kv_bytes: dict[str, float] | None = None,
+    kv_bytes: Mapping[str, float] | None = None,
 ) -> dict[int, float]:
     """Best value at each exact integer cost over every admissible placement (test oracle, <= ~8 layers)."""
     cons = constraints or Constraints(tables.num_layers)
     best: dict[int, float] = {}
-    for p in itertools.product(*cons.allowed):
+    for p in itertools.product(*cons.per_layer):
         if not cons.admits(p, kv_bytes):
             continue
         c = sum(costs[m] for m in p)

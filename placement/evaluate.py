@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -207,7 +208,7 @@ class Evaluator:
         self.seconds = 0.0
 
     def _get(self, kind: str):
-        value = getattr(self.data, kind) if kind != "choices" else self.data.choices
+        value: Any = getattr(self.data, kind) if kind != "choices" else self.data.choices
         if value is None or (kind == "choices" and not value):
             if self.data_factory is None:
                 raise ValueError(f"no {kind} data set and no way to build one")

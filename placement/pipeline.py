@@ -86,7 +86,7 @@ def make_cost_model(
     if context < 1 or batch < 1:
         raise ValueError(f"context ({context}) and batch ({batch}) must be >= 1")
     kind, gpu = parse_cost_model_name(name)
-    if kind == "analytic":
+    if gpu is not None:  # analytic
         return analytic_cost_model(config, context, batch, gpu, prefill_context=prefill_context)
     if model is None:
         raise ValueError("the measured cost model needs the loaded model")
@@ -156,7 +156,7 @@ class SearchOutputs:
 
 def evaluate_placement(
     model_dir: str | Path,
-    placement: str,
+    placement: str | Sequence[str],
     metrics: Sequence[str] | None = None,
     *,
     db: str | Path | None = None,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
-from supernet.config import MIXER_NAMES
-from supernet.presets import PresetsFile, write_presets
+from supernet.presets import MixerName, PresetsFile, write_presets
 
 HEADER = (
     "Written by `supernet place search` (docs/placement.md). The server reads `default` and each preset's\n"
@@ -34,8 +34,8 @@ def preset_name(placement: Sequence[str], speedup: float, taken: set[str]) -> st
     return name
 
 
-def mixer_counts(placement: Sequence[str]) -> dict[str, int]:
-    return {m: sum(x == m for x in placement) for m in MIXER_NAMES}
+def mixer_counts(placement: Sequence[str]) -> dict[MixerName, int]:
+    return {m: sum(x == m for x in placement) for m in get_args(MixerName)}
 
 
 def save_presets(path: str | Path, document: PresetsFile) -> Path:

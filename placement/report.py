@@ -63,6 +63,8 @@ def plot_front(
         xs, ys = zip(*sorted(front_pred), strict=True)
         ax.plot(xs, ys, c="#4a7fb5", lw=1, alpha=0.7, label="predicted Pareto front (DP)")
     for pr in presets:
+        if pr.speedup is None or pr.measured_quality is None:
+            continue
         ax.scatter([pr.speedup], [pr.measured_quality], s=60, marker="*", c="#d1495b", zorder=5)
         ax.annotate(
             pr.name,

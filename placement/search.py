@@ -7,9 +7,9 @@ and random searches it is compared with.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -56,8 +56,8 @@ class SearchResult:
     baseline: dict[tuple[str, ...], float]  # random search at the same evaluation count
     front: list[FrontPoint]  # final predicted front
     presets: list[PresetPick]
-    cv: dict[str, dict[str, float]] = field(default_factory=dict)
-    held_out: dict[str, dict[str, float]] = field(default_factory=dict)
+    cv: dict[str, dict[str, Any]] = field(default_factory=dict)  # per surrogate kind: scores, or an error
+    held_out: dict[str, dict[str, Any]] = field(default_factory=dict)
     comparison: dict = field(default_factory=dict)
     rounds: int = 0
 
@@ -71,7 +71,7 @@ def select_active(
     rng: np.random.Generator,
     samples: int,
     steps_per_fa: int,
-    kv_bytes: dict[str, float] | None,
+    kv_bytes: Mapping[str, float] | None,
     kappa: float = 1.0,
 ) -> list[tuple[str, ...]]:
     """Thompson-sampled fronts (plus the posterior-mean front) propose candidates; in each of k cost bands the
@@ -113,7 +113,7 @@ def choose_presets(
     constraints: Constraints,
     n: int,
     max_cost: float | None,
-    kv_bytes: dict[str, float] | None,
+    kv_bytes: Mapping[str, float] | None,
 ) -> list[PresetPick]:
     """all-FA (when the constraints admit it) plus front points at speed-up targets spaced geometrically from
     ``1 / max_cost`` (or the first step) up to the cheapest front point."""
@@ -147,7 +147,7 @@ def verify_presets(
     cost: Callable[[Sequence[str]], float],
     full_cost: float,
     constraints: Constraints,
-    kv_bytes: dict[str, float] | None,
+    kv_bytes: Mapping[str, float] | None,
     max_cost: float | None,
 ) -> list[PresetPick]:
     """Each DP pick stands for a speed band (its target up to the next preset's); if a placement already
@@ -212,7 +212,7 @@ def run_search(
     constraints: Constraints,
     settings: SearchSettings,
     *,
-    kv_bytes: dict[str, float] | None = None,
+    kv_bytes: Mapping[str, float] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     max_cost: float | None = None,
 ) -> SearchResult:
@@ -280,13 +280,14 @@ def run_search(
         # Same seed as the guided search: random search starts from the very same anchors and random draws (so
         # they are measured once) and then keeps drawing where the guided search starts choosing.
         brng = np.random.default_rng(s.seed)
-        base = dict.fromkeys(start)
-        while len(base) < len(evaluated):
-            base[random_placement(brng, constraints, kv_bytes)] = None
-        for i, p in enumerate(base):
+        drawn = dict.fromkeys(start)  # an ordered set
+        while len(drawn) < len(evaluated):
+            drawn[random_placement(brng, constraints, kv_bytes)] = None
+        base: dict[Placement, float] = {}
+        for i, p in enumerate(drawn):
             base[p] = evaluated[p] if p in evaluated else evaluate(p)
-            note("random baseline", i + 1, len(base))
-        result.baseline = dict(base)
+            note("random baseline", i + 1, len(drawn))
+        result.baseline = base
         unseen = [p for p in base if p not in evaluated]
         for kind in ("bayes", "tree"):
             result.held_out[kind] = (

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -150,7 +151,8 @@ class Surrogate:
             raise ValueError(f"interaction distance must be >= 0, got {distance}")
         self.kind, self.seed = kind, seed
         self.features = FeatureMap(num_layers, distance, mixers)
-        self.model = None
+        self.model: Any = None  # a fitted scikit-learn regressor after fit()
+        self._chol: np.ndarray | None = None
 
     def _x(self, placements: Sequence[Sequence[str]]) -> np.ndarray:
         return self.features.transform(placements) if self.kind == "bayes" else self.features.one_hot(placements)
@@ -188,7 +190,7 @@ class Surrogate:
     def sample_tables(self, rng: np.random.Generator) -> QualityTables:
         """Tables drawn from the posterior over weights (Thompson sampling); the Cholesky factor is computed
         once per fit."""
-        if getattr(self, "_chol", None) is None:
+        if self._chol is None:
             sigma = self.model.sigma_
             jitter = 1e-10 * max(float(np.trace(sigma)) / len(sigma), 1e-12)
             self._chol = np.linalg.cholesky(sigma + jitter * np.eye(len(sigma)))
@@ -196,18 +198,18 @@ class Surrogate:
         return self.features.decode(coef, self.model.intercept_)
 
 
-def rank_scores(truth: Sequence[float], pred: Sequence[float]) -> dict[str, float]:
+def rank_scores(truth: Sequence[float], pred: Sequence[float] | np.ndarray) -> dict[str, float]:
     from scipy.stats import kendalltau, spearmanr
 
-    truth, pred = np.asarray(truth), np.asarray(pred)
-    rmse = float(np.sqrt(np.mean((truth - pred) ** 2)))
-    if len(truth) < 3 or np.all(truth == truth[0]) or np.all(pred == pred[0]):
-        return {"spearman": float("nan"), "kendall": float("nan"), "rmse": rmse, "n": len(truth)}
+    t, p = np.asarray(truth, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    rmse = float(np.sqrt(np.mean((t - p) ** 2)))
+    if len(t) < 3 or np.all(t == t[0]) or np.all(p == p[0]):
+        return {"spearman": float("nan"), "kendall": float("nan"), "rmse": rmse, "n": len(t)}
     return {
-        "spearman": float(spearmanr(truth, pred).statistic),
-        "kendall": float(kendalltau(truth, pred).statistic),
+        "spearman": float(spearmanr(t, p).statistic),
+        "kendall": float(kendalltau(t, p).statistic),
         "rmse": rmse,
-        "n": len(truth),
+        "n": len(t),
     }
 
 

@@ -31,7 +31,7 @@ def state_bytes(
                 2
                 * config.swa.num_kv_heads
                 * config.swa.head_dim
-                * (config.swa.sinks + config.swa.window)
+                * (config.swa.sinks + (config.swa.window or 0))  # an SWA config always has a window
                 * elt
             )
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,5 +186,5 @@ def serve(model_dir: str | Path, options: ServeOptions | None = None) -> None:
         host=opts.host,
         port=opts.port,
         log_level=opts.log_level,
-        timeout_graceful_shutdown=opts.shutdown_timeout,
+        timeout_graceful_shutdown=math.ceil(opts.shutdown_timeout),
     )

@@ -8,14 +8,14 @@ the mixers' own (see mixers/delta.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from supernet.config import AttentionConfig, DeltaConfig, SupernetConfig
 from supernet.layers import AttentionProjections, repeat_heads
-from supernet.model import SupernetForCausalLM
+from supernet.model import DecoderLayer, SupernetForCausalLM
 
 DEFAULT_WINDOW = 512
 DEFAULT_SINKS = 4
@@ -73,7 +73,7 @@ def config_from_teacher(
 
 
 @torch.no_grad()
-def _copy_projections(dst: AttentionProjections, src: nn.Module, head_dim: int, kv_repeat: int) -> None:
+def _copy_projections(dst: AttentionProjections, src: Any, head_dim: int, kv_repeat: int) -> None:
     dst.q_proj.load_state_dict(src.q_proj.state_dict())
     dst.o_proj.weight.copy_(src.o_proj.weight)
     for name in ("k_proj", "v_proj"):
@@ -84,8 +84,9 @@ def _copy_projections(dst: AttentionProjections, src: nn.Module, head_dim: int, 
 
 
 @torch.no_grad()
-def load_trunk_from_teacher(model: SupernetForCausalLM, teacher: nn.Module) -> None:
-    """Copy everything the teacher has (trunk + attention projections) into a supernet built from its config."""
+def load_trunk_from_teacher(model: SupernetForCausalLM, teacher: Any) -> None:
+    """Copy everything the teacher has (trunk + attention projections) into a supernet built from its config.
+    ``teacher`` is any Llama-layout transformers causal LM (``.model.layers[i].self_attn.q_proj``, ...)."""
     cfg = model.config
     body = teacher.model
     model.embed_tokens.weight.copy_(body.embed_tokens.weight)
@@ -93,7 +94,7 @@ def load_trunk_from_teacher(model: SupernetForCausalLM, teacher: nn.Module) -> N
     if model.lm_head is not None:
         model.lm_head.weight.copy_(teacher.lm_head.weight)
     kv_repeat = cfg.fa.num_heads // cfg.fa.num_kv_heads
-    for layer, tl in zip(model.layers, body.layers, strict=True):
+    for layer, tl in zip(cast(list[DecoderLayer], list(model.layers)), body.layers, strict=True):
         layer.input_layernorm.weight.copy_(tl.input_layernorm.weight)
         layer.post_attention_layernorm.weight.copy_(tl.post_attention_layernorm.weight)
         layer.mlp.load_state_dict(tl.mlp.state_dict())
@@ -102,7 +103,8 @@ def load_trunk_from_teacher(model: SupernetForCausalLM, teacher: nn.Module) -> N
         else:
             for name, mixer in layer.mixers.items():
                 repeat = kv_repeat if name in ("gdn", "kda") else 1
-                _copy_projections(mixer.proj.own, tl.self_attn, cfg.fa.head_dim, repeat)
+                projections: Any = mixer.proj  # a MixerProjections (ModuleDict values are typed as Module)
+                _copy_projections(projections.own, tl.self_attn, cfg.fa.head_dim, repeat)
 
 
 def build_from_teacher(

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32
     if isinstance(source, Path) and source.suffix == ".gguf":
         cached = _gguf_cache_path(source)
         if not (cached / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(
+            model: Any = AutoModelForCausalLM.from_pretrained(
                 source.parent, gguf_file=source.name, dtype=torch.float32
             )
             tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)

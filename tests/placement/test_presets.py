@@ -68,3 +68,12 @@ def test_bad_presets_files_name_the_field(tmp_path, text, message):
 def test_a_yaml_list_placement_is_accepted(tmp_path):
     (tmp_path / "presets.yaml").write_text("presets:\n  - name: mix\n    placement: [fa, swa, gdn, kda]\n")
     assert load_presets(tmp_path, 4).get("mix").placement == ("fa", "swa", "gdn", "kda")
+
+
+def test_the_schema_knows_every_mixer():
+    from typing import get_args
+
+    from supernet.config import MIXER_NAMES
+    from supernet.presets import MixerName
+
+    assert get_args(MixerName) == MIXER_NAMES
