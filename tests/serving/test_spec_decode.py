@@ -291,3 +291,56 @@ def test_all_swa_draft_prefill_skips_the_middle_of_the_prompt(tiny_model, tiny_t
         assert torch.equal(x.pos, y.pos)
         torch.testing.assert_close(x.k, y.k, atol=1e-5, rtol=0)
         torch.testing.assert_close(x.v, y.v, atol=1e-5, rtol=0)
+
+
+def test_k_policy_pauses_and_probes():
+    """A sequence whose drafts keep failing stops drafting, then probes with k = 1 after probe_every steps; one
+    whose drafts are accepted drafts further. A request that asked for speculation never pauses."""
+    from serving.spec_decode import Speculation
+
+    cfg = SpecConfig(probe_every=4)
+    good, bad = Speculation("d", None, 0.2, 6), Speculation("d", None, 0.5, 6)  # (draft, state, cost ratio, k cap)
+    for _ in range(10):
+        good.update(cfg, good.plan(cfg, 100), 6)
+    assert good.plan(cfg, 100) == 6 and good.plan(cfg, 3) == 2  # bounded by the tokens left
+    ks = []
+    for _ in range(12):
+        k = bad.plan(cfg, 100)
+        ks.append(k)
+        if k:
+            bad.update(cfg, k, 0)
+    assert ks[:3] != [0, 0, 0] and 0 in ks and ks.count(0) >= 6  # pauses, and comes back to probe
+    assert any(a == 0 and b == 1 for a, b in zip(ks, ks[1:], strict=False))
+    forced = Speculation("d", None, 0.5, 6, forced=True)
+    for _ in range(6):
+        forced.update(cfg, forced.plan(cfg, 100), 0)
+    assert forced.plan(cfg, 100) == 1
+
+
+def test_on_by_default_from_a_context_length(tiny_model, tiny_tokenizer):
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    cfg = SpecConfig(drafts={"all-fa": DraftPlan("all-swa", tiny_model.placement("all-swa"), from_context=10)})
+    cfg.adaptive = False
+    reqs = [(name, ids[:n], "all-fa", None, {"max_tokens": 6}) for name, n in (("long", 12), ("short", 8))]
+    _, usage = run(tiny_model, tiny_tokenizer, reqs, cfg)
+    assert usage["long"].verify_steps > 0 and usage["short"] is None
+
+
+def test_drafts_from_presets_yaml(tiny_model, tmp_path):
+    from serving.presets import PresetError, load_presets_file
+    from serving.spec_policy import spec_config_from_presets
+
+    path = tmp_path / "presets.yaml"
+    path.write_text(
+        "presets:\n"
+        "  - {name: exact, placement: all-fa, draft: quick, speculative_from_context: 4096}\n"
+        "  - {name: quick, placement: all-swa}\n"
+        "  - {name: mid, placement: fa-every-4:gdn}\n"
+    )
+    table = load_presets_file(path, tiny_model.config.num_hidden_layers)
+    cfg = spec_config_from_presets(tiny_model, table, 256)
+    assert cfg.drafts["exact"] == DraftPlan("quick", tiny_model.placement("all-swa"), 4096)
+    assert cfg.drafts["mid"].from_context is None  # a default draft is never on by default
+    path.write_text("presets:\n  - {name: exact, placement: all-fa, draft: nope}\n")
+    with pytest.raises(PresetError, match="draft 'nope'"):
+        load_presets_file(path, tiny_model.config.num_hidden_layers)
