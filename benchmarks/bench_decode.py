@@ -11,6 +11,9 @@ Also printed: the bandwidth floor of each step = bytes the step must read (the w
 row's cache) / measured read bandwidth (torch sum over 1 GiB, same thread count), and step time / floor.
 
     python benchmarks/bench_decode.py --model runs/sn-serve [--contexts 1024,8192,32768] [--batches 1,8]
+
+``--compare-reference`` also times every preset with the decode fast paths off (supernet.fastpath), in the same
+round-robin, so the fast path's gain is a side-by-side ratio.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ import json
 import os
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from supernet.cache import DeltaState, KVCache, SequenceState, WindowKVCache
+from supernet.fastpath import reference_path
 from supernet.model import SupernetForCausalLM
+
+REF = "@ref"  # suffix of a preset timed on the reference path (--compare-reference)
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
@@ -117,14 +124,18 @@ def time_round_robin(
     tokens = {
         name: torch.randint(0, model.config.vocab_size, (len(states), 1)) for name, states in batches.items()
     }
+    def step(name: str, states: list[SequenceState]) -> float:
+        with reference_path() if name.endswith(REF) else nullcontext():
+            t0 = time.perf_counter()
+            model(tokens[name], states=states)
+            return time.perf_counter() - t0
+
     for name, states in batches.items():
-        model(tokens[name], states=states)  # warm-up
+        step(name, states)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in batches}
     for _ in range(steps):
         for name, states in batches.items():
-            t0 = time.perf_counter()
-            model(tokens[name], states=states)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(step(name, states))
     return times
 
 
@@ -140,6 +151,11 @@ def main() -> None:
         "--steps", type=int, default=7, help="timed decode steps per configuration (median reported)"
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--compare-reference",
+        action="store_true",
+        help=f"also time every preset on the reference path (rows '<preset>{REF}'): the fast path's gain",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -162,6 +178,9 @@ def main() -> None:
     placements = {
         name: model.placement("all-fa" if name == "all-fa" else table.get(name).spec) for name in names
     }
+    if args.compare_reference:
+        placements.update({name + REF: placements[name] for name in names})
+        names = [n for name in names for n in (name, name + REF)]
     bandwidth = measure_bandwidth()
     print(
         f"# {model_dir}: {n} layers, threads={args.threads}, read bandwidth {bandwidth / 1e9:.1f} GB/s; "

@@ -12,6 +12,7 @@ Keys are stored after rotary embedding, so a cached key never needs its position
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -195,6 +196,33 @@ class DeltaState:
 
 
 LayerState = KVCache | WindowKVCache | DeltaState
+
+
+def batched_rows(holder: dict, states: Sequence[LayerState], fields: tuple[str, ...]) -> list[Tensor]:
+    """Batch tensors ``[N, ...]`` whose row i *is* ``states[i].<field>`` (a view), for decode steps that update
+    fixed-size states (ring caches, recurrent states) in place for the whole batch at once.
+
+    While the same states come back in the same order with the very views handed out last time (steady-state
+    decoding) the held batch tensors are returned as they are: nothing is copied. Any other batch -- a row
+    joined or left, a state cloned, rolled back or prefilled in between (all of which assign new tensors) --
+    is stacked once and its rows' fields are replaced by views of the new batch tensors. So a tensor that
+    someone else holds is never written through a batch tensor. ``holder`` is the caller's (one per mixer).
+    """
+    held = holder.get("rows")
+    if held is not None and held[0] == fields and len(held[2]) == len(states):
+        if all(
+            getattr(s, f) is view
+            for s, views in zip(states, held[2], strict=True)
+            for f, view in zip(fields, views, strict=True)
+        ):
+            return held[1]
+    batch = [torch.stack([getattr(s, f) for s in states]) for f in fields]
+    views = list(zip(*(b.unbind(0) for b in batch), strict=True))
+    for s, row in zip(states, views, strict=True):
+        for f, view in zip(fields, row, strict=True):
+            setattr(s, f, view)
+    holder["rows"] = (fields, batch, views)
+    return batch
 
 
 @dataclass

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from supernet.cache import KVCache, LayerState, WindowKVCache
+from supernet.cache import KVCache, LayerState, WindowKVCache, batched_rows
 from supernet.config import AttentionConfig, SupernetConfig
+from supernet.fastpath import fast_path_enabled
 from supernet.layers import AttentionProjections, apply_rotary
 from supernet.mixers.base import Mixer, MixerContext, MixerProjections
 
@@ -67,6 +68,8 @@ class Attention(Mixer):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if states is None:
             out = self._full_sequence(q, k, v, ctx.positions[0])
+        elif self.window is not None and t == 1 and fast_path_enabled() and not torch.is_grad_enabled():
+            out = self._window_decode(q, k, v, ctx.positions[:, 0], states)
         else:
             out = torch.stack(
                 [self._with_cache(q[i], k[i], v[i], ctx.positions[i], states[i]) for i in range(b)]
@@ -98,6 +101,24 @@ class Attention(Mixer):
         out = attend_grouped(q, k_all, v_all, window_mask(positions, k_pos, self.window, self.sinks))
         state.store(k, v, positions)
         return out
+
+    def _window_decode(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, states: list[LayerState]) -> Tensor:
+        """SWA decode fast path: every row's ring has the same shape, so the rows' rings live as views of
+        persistent batch tensors (supernet.cache.batched_rows) and one write + one attention call serve the
+        whole batch -- the per-row ``_with_cache`` step, batched. q [B, H, 1, D], k/v [B, Hkv, 1, D]."""
+        b, hkv = k.shape[:2]
+        ring_k, ring_v, ring_pos = batched_rows(self.__dict__.setdefault("_decode_rows", {}), states,
+                                                ("k", "v", "pos"))
+        slot = torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.window)
+        rows = torch.arange(b, device=q.device)
+        ring_k[rows, :, slot] = k[:, :, 0]
+        ring_v[rows, :, slot] = v[:, :, 0]
+        ring_pos[rows, slot] = pos
+        p = pos[:, None]
+        mask = (ring_pos >= 0) & ((p - ring_pos < self.window) | (ring_pos < self.sinks))
+        qg = q.reshape(b, hkv, -1, self.head_dim)  # query heads of a group stacked: each KV head read once
+        out = F.scaled_dot_product_attention(qg, ring_k, ring_v, attn_mask=mask[:, None, None, :])
+        return out.reshape(q.shape)
 
     def new_state(self, dtype: torch.dtype, device: torch.device) -> LayerState:
         if self.window is None:

@@ -7,9 +7,9 @@ the same order (steady-state decoding) their states are still the views this pat
 updates the batch tensors in place (kernels/delta_rule/decode.py) and copies nothing. Any other batch (a row
 joined or left, a state cloned or rolled back, a prefill in between) is restacked once, then stays in place.
 
-Ownership is checked by identity: a row's ``conv``/``recurrent`` must be the very tensors this path stored
-there at its last step. Anything else -- ``SequenceState.clone()``, a speculative rollback, a prefill chunk --
-assigns new tensors, so a tensor someone else holds is never written.
+Ownership is checked by identity (supernet.cache.batched_rows): a row's ``conv``/``recurrent`` must be the very
+tensors this path stored there at its last step. Anything else -- ``SequenceState.clone()``, a speculative
+rollback, a prefill chunk -- assigns new tensors, so a tensor someone else holds is never written.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from kernels import gated_rms_norm, l2_norm
 from kernels.delta_rule.decode import conv_step_, delta_rule_step_
-from supernet.cache import DeltaState
+from supernet.cache import DeltaState, batched_rows
 from supernet.fastpath import fast_path_enabled
 
 
@@ -37,30 +37,12 @@ def use_fast_decode(x: Tensor, states: Sequence[DeltaState] | None) -> bool:
     )
 
 
-def _batch_states(owner: torch.nn.Module, states: Sequence[DeltaState]) -> tuple[Tensor, Tensor]:
-    """[N, C, W - 1] conv and [N, H, K, V] fp32 recurrent batch tensors whose row i is states[i]'s state."""
-    held = owner.__dict__.get("_decode_batch")
-    if held is not None:
-        conv, rec, conv_rows, rec_rows = held
-        if len(conv_rows) == len(states) and all(
-            s.conv is c and s.recurrent is r for s, c, r in zip(states, conv_rows, rec_rows, strict=True)
-        ):
-            return conv, rec
-    conv = torch.stack([s.conv for s in states])
-    rec = torch.stack([s.recurrent.float() for s in states])
-    conv_rows, rec_rows = conv.unbind(0), rec.unbind(0)
-    for s, c, r in zip(states, conv_rows, rec_rows, strict=True):
-        s.conv, s.recurrent = c, r
-    owner.__dict__["_decode_batch"] = (conv, rec, conv_rows, rec_rows)
-    return conv, rec
-
-
 def decode_step(mixer, x: Tensor, base, states: Sequence[DeltaState]) -> Tensor:
     """``mixer.forward`` for x [N, 1, hidden] on the fast path (same math, see the module docstring)."""
     n = x.shape[0]
     h, d = mixer.num_heads, mixer.head_dim
     qkv = torch.cat(mixer.proj.qkv(x, base), dim=-1)[:, 0]
-    conv, rec = _batch_states(mixer, states)
+    conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
     y = conv_step_(qkv, conv, mixer.conv_weight, activation="silu")
     q, k, v = y.view(n, 3, h, d).unbind(1)
     q, k = l2_norm(q), l2_norm(k)
