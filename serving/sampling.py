@@ -126,7 +126,7 @@ def sample(
     if want:
         index = torch.tensor(want)
         lps = torch.log_softmax(logits[index].float(), dim=-1)
-        k = max(params[i].logprobs for i in want)
+        k = max(params[i].logprobs or 0 for i in want)
         for i, entry in zip(want, top_logprobs(lps, tokens[index], k), strict=True):
             kk = params[i].logprobs
             entry.top_ids, entry.top_logprobs = entry.top_ids[:kk], entry.top_logprobs[:kk]

@@ -18,6 +18,7 @@ k is chosen per sequence and per step from its running acceptance (``spec_policy
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ class Speculation:
 
     def fork(self) -> Speculation:
         twin = copy.copy(self)
+        assert self.state is not None, "forked before its caches were freed"
         twin.state, twin.lag, twin.usage = self.state.clone(), list(self.lag), SpecUsage(draft=self.draft)
         return twin
 
@@ -92,9 +94,10 @@ class Emission:
     accepted: int = 0
 
 
-def ragged_forward(
-    runner: ModelRunner, rows: list[tuple[SequenceState, list[int], Checkpoint | None]]
-) -> list[Tensor]:
+Row = tuple[SequenceState, list[int], Checkpoint | None]  # a state, the tokens it takes, its open window
+
+
+def ragged_forward(runner: ModelRunner, rows: Sequence[Row]) -> list[Tensor]:
     """One forward over rows of unequal length: short rows are padded (repeating their last token) and rolled
     back to their real tokens afterwards. Returns each row's logits [len, V]."""
     width = max(len(t) for _, t, _ in rows)
@@ -103,6 +106,7 @@ def ragged_forward(
     out = []
     for (_, tokens, ck), row in zip(rows, logits, strict=True):
         if len(tokens) < width:
+            assert ck is not None, "a padded row needs a checkpoint to take its padding back"
             ck.rollback(ck.fed - (width - len(tokens)))
         out.append(row[: len(tokens)])
     return out
@@ -120,7 +124,8 @@ class SpeculativeDecoder:
     def __init__(self, runner: ModelRunner, config: SpecConfig) -> None:
         self.runner, self.config = runner, config
         # Every window (k + 1 tokens, padding included) must fit in an SWA ring: rollback copies its slots.
-        self.k_cap = min(config.k_max, runner.model.config.swa.window - 1)
+        window = runner.model.config.swa.window
+        self.k_cap = config.k_max if window is None else min(config.k_max, window - 1)
 
     # ---- per request ------------------------------------------------------------------------------------
 
@@ -152,7 +157,7 @@ class SpeculativeDecoder:
         sp.usage.draft = plan.draft
         if set(plan.placement) == {"swa"}:
             cfg = model.config
-            reach = (cfg.num_hidden_layers + 1) * cfg.swa.window  # how far back the last window's keys depend
+            reach = (cfg.num_hidden_layers + 1) * (cfg.swa.window or 0)  # how far back the last keys depend
             sp.skip = (cfg.swa.sinks, max(cfg.swa.sinks, len(request.prompt_ids) - reach))
         return sp
 
@@ -166,6 +171,7 @@ class SpeculativeDecoder:
         is 7.7k tokens of draft prefill instead of 32k. Any other draft takes the whole prompt."""
         lo, hi = sp.skip
         end = start + len(chunk)
+        assert sp.state is not None
         for a, b in ((start, min(end, lo)), (max(start, hi), end)) if hi > lo else ((start, end),):
             if a < b:
                 sp.state.length = a  # jump over skipped positions: rotary and the ring use absolute ones
@@ -189,7 +195,7 @@ class SpeculativeDecoder:
         width = max(len(t) for t in first)
         d_ck = {i: Checkpoint(seqs[i].spec.state, max(len(seqs[i].spec.lag) + ks[i], width)) for i in spec}
         p_ck = {i: Checkpoint(seqs[i].state, width) for i in plain} if width > 1 else {}
-        rows = [(seqs[i].spec.state, t, d_ck[i]) for i, t in zip(spec, first, strict=False)]
+        rows: list[Row] = [(seqs[i].spec.state, t, d_ck[i]) for i, t in zip(spec, first, strict=False)]
         rows += [(seqs[i].state, t, p_ck.get(i)) for i, t in zip(plain, first[len(spec) :], strict=True)]
         logits = ragged_forward(self.runner, rows)
         drafts: dict[int, list[int]] = {i: [] for i in spec}
@@ -211,7 +217,7 @@ class SpeculativeDecoder:
         rows = [(seqs[i].state, [seqs[i].pending] + drafts[i], t_ck[i]) for i in spec]
         target = dict(zip(spec, ragged_forward(self.runner, rows), strict=True)) if spec else {}
         # 3. accept, roll back, emit
-        result: list[Emission | None] = [None] * len(seqs)
+        result: dict[int, Emission] = {}
         for i in spec:
             seq, sp, k = seqs[i], seqs[i].spec, ks[i]
             verdict = verify(target[i], drafts[i], probs[i], seq.params, seq.generator)
@@ -231,4 +237,4 @@ class SpeculativeDecoder:
                 if seqs[i].spec is not None:  # a paused draft falls behind by the token decoded without it
                     seqs[i].spec.lag.append(seqs[i].pending)
                 result[i] = Emission([t], [lp])
-        return result
+        return [result[i] for i in range(len(seqs))]

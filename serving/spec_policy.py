@@ -94,7 +94,7 @@ def default_drafts(
     """Without a measured choice: each preset's draft is the preset reading the fewest bytes per step at
     ``context`` (when that is cheaper than the target itself); off by default (``from_context`` None)."""
     cost = {name: step_bytes(model, p, context) for name, p in presets.items()}
-    cheapest = min(cost, key=cost.get)
+    cheapest = min(cost, key=lambda name: cost[name])
     return {
         name: DraftPlan(cheapest, presets[cheapest])
         for name in presets

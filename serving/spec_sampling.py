@@ -56,6 +56,7 @@ def verify(
         return Verdict(drafts[:j] + [best[j]], j)
     p = warped_probs(target_logits, params)
     for j, (d, q) in enumerate(zip(drafts, draft_probs, strict=True)):
+        assert q is not None, "a sampled draft carries its distribution"
         u = float(torch.rand((), generator=generator))
         if u * float(q[d]) < float(p[j, d]):  # accept with probability min(1, p(d) / q(d))
             continue
