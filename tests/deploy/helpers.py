@@ -15,9 +15,6 @@ DOCKERFILES = (DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda")
 COMPOSE_FILES = (DEPLOY / "compose.yaml", DEPLOY / "compose.gpu.yaml")
 K8S_FILES = tuple(sorted((DEPLOY / "k8s").rglob("*.yaml")))
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "supernet.json"
-# Flags the vLLM backend brings to `supernet serve`; the CUDA image and the GPU manifests set them. Until that
-# backend is in the CLI these are the only variables allowed to name no flag (tests report them as pending).
-VLLM_FLAG_VARIABLES = frozenset({"SUPERNET_BACKEND", "SUPERNET_TENSOR_PARALLEL_SIZE"})
 
 
 def load_entrypoint():
@@ -45,22 +42,23 @@ def dockerfile(path: Path):
     return DockerfileParser(fileobj=io.BytesIO(path.read_bytes()))
 
 
-def environment_variables() -> dict[str, set[str]]:
-    """Every environment variable the deploy files set, by file: Dockerfile ENV, compose `environment`,
-    Kubernetes container `env`."""
-    found: dict[str, set[str]] = {}
+def environment() -> dict[str, dict[str, str | None]]:
+    """Every environment variable the deploy files set, by file, with its literal value (None when it comes from
+    elsewhere: a Secret, the shell): Dockerfile ENV, compose `environment`, Kubernetes container `env`."""
+    found: dict[str, dict[str, str | None]] = {}
     for path in DOCKERFILES:
-        found[path.name] = set(dockerfile(path).envs)
+        found[path.name] = dict(dockerfile(path).envs)
     for path in COMPOSE_FILES:
-        names: set[str] = set()
+        values: dict[str, str | None] = {}
         for service in yaml.safe_load(path.read_text())["services"].values():
             env = service.get("environment", {})
-            items = env if isinstance(env, list) else list(env)
-            names |= {item.split("=", 1)[0] for item in items}
-        found[path.name] = names
+            items = env if isinstance(env, list) else [f"{k}={v}" if v is not None else k for k, v in env.items()]
+            values |= {i.split("=", 1)[0]: (i.split("=", 1)[1] if "=" in i else None) for i in items}
+        found[path.name] = values
     for path, resource in k8s_resources():
         for container in containers(resource):
-            found.setdefault(str(path.relative_to(DEPLOY)), set()).update(e["name"] for e in container.get("env", []))
+            values = found.setdefault(str(path.relative_to(DEPLOY)), {})
+            values |= {e["name"]: e.get("value") for e in container.get("env", [])}
     return found
 
 
