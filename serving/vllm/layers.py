@@ -155,11 +155,10 @@ class SupernetMixer(nn.Module):
 
     # -- the op body -------------------------------------------------------------------------------------------
     def mix(self, h: Tensor, positions: Tensor, out: Tensor) -> None:
+        out.zero_()  # profiling runs (no requests) and padding tokens stay zero
         step = current_step(h.shape[0])
         if step is None:
-            out.zero_()
             return
-        out.zero_()  # padding tokens (none on CPU) stay zero
         for name in self.mixers:
             rows = step.rows_using(self.index, MIXER_NAMES.index(name))
             if not rows:
@@ -184,9 +183,10 @@ class SupernetMixer(nn.Module):
         k = apply_rotary(k.view(1, n, mixer.num_kv_heads, d), cos, sin)[0]
         v = v.view(n, mixer.num_kv_heads, d)
         slots = metadata.slot_mapping[index].long()
-        blocks, offsets = slots // bs, slots % bs
-        cache[blocks, :, offsets, :d] = k.to(cache.dtype)
-        cache[blocks, :, offsets, d:] = v.to(cache.dtype)
+        keep = slots >= 0  # padding slots (-1) are never written
+        blocks, offsets = slots[keep] // bs, slots[keep] % bs
+        cache[blocks, :, offsets, :d] = k[keep].to(cache.dtype)
+        cache[blocks, :, offsets, d:] = v[keep].to(cache.dtype)
         outs, start = [], 0
         for j in rows:
             t = bounds[j + 1] - bounds[j]

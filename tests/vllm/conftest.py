@@ -37,6 +37,9 @@ def vllm_env() -> dict[str, str]:
         VLLM_LOGGING_LEVEL="WARNING",
         TOKENIZERS_PARALLELISM="false",
         VLLM_SERVER_DEV_MODE="1",  # vLLM's /collective_rpc: the engine-wide preset switch
+        # a heavily shared CI machine can starve one step past vLLM's default 300 s, which kills the engine
+        VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS="1800",
+        VLLM_ENGINE_READY_TIMEOUT_S="1800",
     )
     return env
 
