@@ -306,10 +306,12 @@ class WarmStart:
                 }
             )
             if trainer.cfg.run.progress and self.d.main:
+                early = sum(p.early for p in self.progress.values())
                 done = sum(p.done for p in self.progress.values())
                 mean = {m: np.mean([p.best for p in self.progress.values() if p.mixer == m]) for m in cfg.mixers}
                 print(
-                    f"warm start chunk {self.chunk}: {done}/{len(self.progress)} converged, mean held-out error "
+                    f"warm start chunk {self.chunk}: {done}/{len(self.progress)} stopped ({early} on a plateau), "
+                    "mean held-out error "
                     + " ".join(f"{m} {v:.4f}" for m, v in mean.items())
                     + f" ({elapsed:.0f} s, teacher {teacher_s:.0f} s)",
                     flush=True,
