@@ -16,10 +16,14 @@ padding (rows of a batched forward are padded to one length; each row rolls back
 
 from __future__ import annotations
 
+import torch
+
 from supernet.cache import DeltaState, KVCache, RingSnapshot, SequenceState, WindowKVCache
 
 
 class Checkpoint:
+    # Caches are written in inference mode (the runner's forwards); restoring them in place must be too.
+    @torch.inference_mode()
     def __init__(self, state: SequenceState, span: int) -> None:
         """``span``: the most tokens fed before the window closes (bounds the SWA copy; <= the SWA window)."""
         self.state, self.start, self.span = state, state.length, span
@@ -34,6 +38,7 @@ class Checkpoint:
     def fed(self) -> int:
         return self.state.length - self.start
 
+    @torch.inference_mode()
     def rollback(self, keep: int) -> None:
         """Keep the first ``keep`` tokens fed since the checkpoint, forget the others; the window stays open."""
         if not 0 <= keep <= self.fed:
