@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import causal_conv1d, causal_conv1d_update
-from tests.kernels.helpers import max_err
+from tests.kernels.helpers import fp32_tol, max_err
 
 
 def conv_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, prefix: torch.Tensor | None,
@@ -39,7 +39,8 @@ def test_matches_conv1d(data, act, use_bias, use_state) -> None:
     b = b if use_bias else None
     h0 = h0 if use_state else None
     y, s = causal_conv1d(x, w, b, activation=act, initial_state=h0, output_final_state=True)
-    assert max_err(y, conv_reference(x, w, b, h0, act)) <= 1e-5
+    ref = conv_reference(x, w, b, h0, act)
+    assert max_err(y, ref) <= fp32_tol(ref, terms=4)
     full = torch.cat([torch.zeros(2, 10, 3) if h0 is None else h0, x.transpose(1, 2)], dim=2)
     assert torch.equal(s, full[:, :, -3:])
 
@@ -62,7 +63,7 @@ def test_prefill_then_decode_equals_prefill(data) -> None:
         ys.append(y_t[:, None])
     y_blk, state = causal_conv1d_update(x[:, 20:], state, w, b)  # a few tokens at once ([B, T, C])
     ys.append(y_blk)
-    assert max_err(torch.cat(ys, dim=1), y_all) <= 1e-6
+    assert max_err(torch.cat(ys, dim=1), y_all) <= fp32_tol(y_all, terms=4)
     assert torch.equal(state, s_all)
 
 
@@ -85,7 +86,7 @@ def test_varlen_resets_at_boundaries(data, use_state) -> None:
         a, e = cu[i].item(), cu[i + 1].item()
         hi = None if h0 is None else h0[i : i + 1]
         y_i, s_i = causal_conv1d(packed[:, a:e], w, b, initial_state=hi, output_final_state=True)
-        assert max_err(y[:, a:e], y_i) <= 1e-6
+        assert max_err(y[:, a:e], y_i) <= fp32_tol(y_i, terms=4)
         assert torch.equal(s[i : i + 1], s_i)
 
 

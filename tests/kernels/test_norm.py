@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import gated_rms_norm, l2_norm, rms_norm
-from tests.kernels.helpers import max_err
+from tests.kernels.helpers import fp32_tol, max_err
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def x():
 
 def test_l2_norm(x) -> None:
     ref = x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
-    assert max_err(l2_norm(x), ref) <= 1e-6
+    assert max_err(l2_norm(x), ref) <= fp32_tol(ref, terms=4)
     assert max_err(l2_norm(x).norm(dim=-1), torch.ones(3, 5)) <= 1e-5
     assert torch.isfinite(l2_norm(torch.zeros(2, 8))).all()
 
@@ -25,7 +25,7 @@ def test_l2_norm(x) -> None:
 def test_rms_norm(x) -> None:
     w = torch.rand(64) + 0.5
     ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
-    assert max_err(rms_norm(x, w), ref) <= 1e-5
+    assert max_err(rms_norm(x, w), ref) <= fp32_tol(ref, terms=4)
 
 
 @pytest.mark.parametrize("act", ["silu", "sigmoid"])
@@ -34,7 +34,7 @@ def test_gated_rms_norm(x, act) -> None:
     gate = torch.randn_like(x)
     ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
     ref = ref * (F.silu(gate) if act == "silu" else torch.sigmoid(gate))
-    assert max_err(gated_rms_norm(x, gate, w, eps=1e-5, activation=act), ref) <= 1e-5
+    assert max_err(gated_rms_norm(x, gate, w, eps=1e-5, activation=act), ref) <= fp32_tol(ref, terms=4)
     with pytest.raises(ValueError, match="activation"):
         gated_rms_norm(x, gate, w, activation="tanh")
 
