@@ -187,3 +187,14 @@ def vllm_openai_server(tiny_vllm_supernet, tmp_path_factory):
     proc = start_server(cmd, port, log)
     yield f"http://127.0.0.1:{port}/v1"
     stop_server(proc)
+
+
+EXPORTED = ["swa-every-2:kda", "all-gdn"]  # layers 0, 2: kda + gdn; layers 1, 3: swa + gdn
+
+
+@pytest.fixture(scope="session")
+def thin_dir(tiny_vllm_supernet, tmp_path_factory):
+    """``supernet export`` of two presets of the tiny supernet."""
+    from supernet.export import export_presets
+
+    return export_presets(tiny_vllm_supernet, EXPORTED, tmp_path_factory.mktemp("thin") / "tiny-thin")

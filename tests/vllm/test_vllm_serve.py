@@ -7,51 +7,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from safetensors import safe_open
 
-from tests.vllm.conftest import PROMPT_IDS, free_port, start_server, stop_server
+from tests.vllm.conftest import EXPORTED, PROMPT_IDS, free_port, start_server, stop_server
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
-
-EXPORTED = ["swa-every-2:kda", "all-gdn"]  # layers 0, 2: kda + gdn; layers 1, 3: swa + gdn
-
-
-@pytest.fixture(scope="module")
-def thin_dir(tiny_vllm_supernet, tmp_path_factory):
-    from supernet.export import export_presets
-
-    return export_presets(tiny_vllm_supernet, EXPORTED, tmp_path_factory.mktemp("thin") / "tiny-thin")
-
-
-def test_export_keeps_only_the_presets_mixers(thin_dir, tiny_vllm_supernet):
-    with safe_open(str(thin_dir / "model.safetensors"), "pt") as fh:
-        keys, meta = set(fh.keys()), fh.metadata()
-    with safe_open(str(tiny_vllm_supernet / "model.safetensors"), "pt") as fh:
-        source = set(fh.keys())
-    expected = {
-        k
-        for k in source
-        if any(
-            f"layers.{i}.mixers.{m}." in k
-            for i, m in [(0, "kda"), (2, "kda"), (1, "swa"), (3, "swa")] + [(i, "gdn") for i in range(4)]
-        )
-    }
-    assert keys == expected
-    assert (
-        meta["kind"] == "delta" and meta["mixers"] == '[["gdn", "kda"], ["swa", "gdn"], ["gdn", "kda"], ["swa", "gdn"]]'
-    )
-    assert (thin_dir / "model.safetensors").stat().st_size < 0.7 * (
-        tiny_vllm_supernet / "model.safetensors"
-    ).stat().st_size
-
-
-def test_export_rejects_unknown_presets(tiny_vllm_supernet, tmp_path):
-    from supernet.export import export_presets
-    from supernet.placement import PlacementError
-
-    with pytest.raises(PlacementError, match="nope"):
-        export_presets(tiny_vllm_supernet, ["all-nope"], tmp_path / "x")
 
 
 @pytest.fixture(scope="module")
