@@ -16,13 +16,14 @@ not fp32 on CPU, this is plain ``F.linear`` -- training and prefill never take t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SMALL_ROWS", "fused_linear", "linear", "packed_available", "set_packed_enabled", "use_packed"]
+__all__ = ["SMALL_ROWS", "derived", "fused_linear", "linear", "packed_available", "set_packed_enabled", "use_packed"]
 
 # Calls with at most SMALL_TOKENS tokens per sequence (decode steps, speculative verification) and at most
 # SMALL_ROWS rows in all take the packed path. Decode steps of big batches still gain (oneDNN measured faster up
@@ -95,21 +96,33 @@ def fused_linear(
     bias) or one entry per weight (None where that projection has none).
     """
     biases = list(biases) or [None] * len(weights)
-    key = _key([*weights, *biases])
-    cache = owner.__dict__.setdefault("_packed_linear", {})
+
+    def build() -> tuple[Tensor, Tensor | None]:
+        w = weights[0] if len(weights) == 1 else torch.cat(list(weights), dim=0)
+        w = w.detach().contiguous()
+        if _AVAILABLE and w.dtype == torch.float32 and w.numel() >= PACK_MIN_NUMEL:
+            w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
+        bias = None
+        if any(b is not None for b in biases):
+            parts = zip(weights, biases, strict=True)
+            bias = torch.cat([b.detach() if b is not None else w_.new_zeros(w_.shape[0]) for w_, b in parts])
+        return w, bias
+
+    weight, bias = derived(owner, name, [*weights, *biases], build)
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def derived(owner: nn.Module, name: str, sources: Sequence[Tensor | None], build: Callable[[], Any]) -> Any:
+    """``build()``, cached on ``owner`` under ``name`` until one of ``sources`` changes (storage or version).
+
+    For inference-only copies of weights in another layout (packed, fused, block-diagonal): they live in the
+    module's ``__dict__``, outside its ``state_dict``, and are rebuilt after an optimizer step or a load."""
+    key = _key(sources)
+    cache = owner.__dict__.setdefault("_derived_weights", {})
     entry = cache.get(name)
     if entry is None or entry[0] != key:
         with torch.no_grad():
-            w = weights[0] if len(weights) == 1 else torch.cat(list(weights), dim=0)
-            w = w.detach().contiguous()
-            packed = (
-                torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if w.numel() >= PACK_MIN_NUMEL else w
-            )
-            bias = None
-            if any(b is not None for b in biases):
-                parts = zip(weights, biases, strict=True)
-                bias = torch.cat([b.detach() if b is not None else w_.new_zeros(w_.shape[0]) for w_, b in parts])
-        entry = cache[name] = (key, packed, bias)
-    if entry[1].is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, entry[1], entry[2], "none", [], "")
-    return F.linear(x, entry[1], entry[2])
+            entry = cache[name] = (key, build())
+    return entry[1]

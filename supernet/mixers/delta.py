@@ -94,7 +94,14 @@ class DeltaMixer(Mixer):
         self.norm_weight = nn.Parameter(torch.ones(dcfg.head_dim))
 
     def decay(self, x: Tensor) -> Tensor:
-        """Log-decay g <= 0: [B, T, H] for GDN, [B, T, H, K] for KDA."""
+        """Log-decay g <= 0: [B, T, H] for GDN, [B, T, H, K] for KDA; ``decay_from`` of the ``decay_downs``."""
+        raise NotImplementedError
+
+    def decay_downs(self) -> list[nn.Linear]:
+        """The projections of x that ``decay_from`` starts from (fused with others on the decode path)."""
+        raise NotImplementedError
+
+    def decay_from(self, down: Tensor) -> Tensor:
         raise NotImplementedError
 
     def rule(self, chunked: bool):
@@ -174,7 +181,13 @@ class GatedDeltaNet(DeltaMixer):
         self.gate = LowRank(config.hidden_size, dcfg.gate_rank, dcfg.num_heads * dcfg.head_dim, SILU_ONE)
 
     def decay(self, x: Tensor) -> Tensor:
-        return -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
+        return self.decay_from(self.a_proj(x))
+
+    def decay_downs(self) -> list[nn.Linear]:
+        return [self.a_proj]
+
+    def decay_from(self, a: Tensor) -> Tensor:
+        return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
 
     def rule(self, chunked: bool):
         return chunk_gated_delta_rule if chunked else recurrent_gated_delta_rule
@@ -193,7 +206,13 @@ class KimiDeltaAttention(DeltaMixer):
         self.gate = LowRank(config.hidden_size, dcfg.gate_rank, width, SIGMOID_NEUTRAL)
 
     def decay(self, x: Tensor) -> Tensor:
-        f = (self.f_proj(x).float() + self.dt_bias).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.decay_from(self.f_proj.down(x))
+
+    def decay_downs(self) -> list[nn.Linear]:
+        return [self.f_proj.down]
+
+    def decay_from(self, down: Tensor) -> Tensor:
+        f = (self.f_proj.up(down).float() + self.dt_bias).unflatten(-1, (self.num_heads, self.head_dim))
         return -self.A_log.float().exp()[:, None] * F.softplus(f)
 
     def rule(self, chunked: bool):

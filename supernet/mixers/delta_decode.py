@@ -21,8 +21,10 @@ from torch import Tensor
 
 from kernels import gated_rms_norm, l2_norm
 from kernels.delta_rule.decode import conv_step_, delta_rule_step_
+from kernels.linear import derived, fused_linear
 from supernet.cache import DeltaState, batched_rows
 from supernet.fastpath import fast_path_enabled
+from supernet.layers import repeat_heads
 
 
 def use_fast_decode(x: Tensor, states: Sequence[DeltaState] | None) -> bool:
@@ -41,13 +43,38 @@ def decode_step(mixer, x: Tensor, base, states: Sequence[DeltaState]) -> Tensor:
     """``mixer.forward`` for x [N, 1, hidden] on the fast path (same math, see the module docstring)."""
     n = x.shape[0]
     h, d = mixer.num_heads, mixer.head_dim
-    qkv = torch.cat(mixer.proj.qkv(x, base), dim=-1)[:, 0]
+    x2 = x[:, 0]
+    qkv, beta_logit, decay_in, gate_in = _project(mixer, x2, base)
     conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
-    y = conv_step_(qkv, conv, mixer.conv_weight, activation="silu")
-    q, k, v = y.view(n, 3, h, d).unbind(1)
-    q, k = l2_norm(q), l2_norm(k)
-    beta = torch.sigmoid(mixer.b_proj(x[:, 0]))
-    o = delta_rule_step_(q, k, v, mixer.decay(x)[:, 0], beta, rec)
-    gate = mixer.gate(x).view(n, 1, h, d)
+    y = conv_step_(qkv, conv, mixer.conv_weight, activation="silu").view(n, 3, h, d)
+    qk = l2_norm(y[:, :2])  # q and k normalised in one pass
+    o = delta_rule_step_(qk[:, 0], qk[:, 1], y[:, 2], mixer.decay_from(decay_in), torch.sigmoid(beta_logit), rec)
+    gate = mixer.gate.up(gate_in).view(n, 1, h, d)
     o = gated_rms_norm(o.to(x.dtype).view(n, 1, h, d), gate, mixer.norm_weight, mixer.eps, mixer.gate_activation)
     return mixer.proj.out(o.reshape(n, 1, h * d), base)
+
+
+def _project(mixer, x: Tensor, base) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Everything the step reads from x [N, hidden]: the conv input q|k|v [N, 3W], beta's logits, the decay's
+    and the output gate's low-rank inputs. The small projections of x (LoRA A factors, beta, the decay's and
+    the gate's down projections) run as one matrix, and the three LoRA B factors as one block-diagonal one,
+    instead of ~10 separate calls per layer."""
+    proj = mixer.proj
+    lora = proj.lora
+    smalls = [mixer.b_proj, *mixer.decay_downs(), mixer.gate.down]
+    weights = [lora[key].A for key in "qkv"] if lora is not None else []
+    weights += [m.weight for m in smalls]
+    biases = [None] * (len(weights) - len(smalls)) + [m.bias for m in smalls]
+    parts = fused_linear(x, mixer, "decode_x", weights, biases).split([w.shape[0] for w in weights], dim=-1)
+    if proj.own is not None:
+        qkv = torch.cat(proj.own.qkv(x), dim=-1)
+    else:
+        q, k, v = base.qkv(x)
+        qkv = torch.cat((q, repeat_heads(k, proj.head_dim, proj.kv_repeat),
+                         repeat_heads(v, proj.head_dim, proj.kv_repeat)), dim=-1)
+    if lora is not None:
+        b_factors = [lora[key].B for key in "qkv"]
+        block = derived(mixer, "decode_lora_b", b_factors, lambda: torch.block_diag(*b_factors))
+        qkv = torch.addmm(qkv, torch.cat(parts[:3], dim=-1), block.t())
+        parts = parts[3:]
+    return qkv, parts[0], parts[1], parts[2]
