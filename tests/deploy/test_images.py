@@ -113,6 +113,17 @@ def test_every_supernet_variable_in_the_deploy_files_is_a_serve_flag():
         assert "SUPERNET_" + name in options
 
 
+def test_variables_the_project_reads_itself_are_not_taken_for_flags():
+    """setup.sh's switches and the library's cache directory may sit in the environment the entry point runs in."""
+    import re
+
+    entrypoint = load_entrypoint()
+    read = set(re.findall(r"\$\{?(SUPERNET_[A-Z_]+)", (DEPLOY / "setup.sh").read_text()))
+    read |= set(re.findall(r"environ\.get\(\"(SUPERNET_[A-Z_]+)", (ROOT / "supernet" / "teacher.py").read_text()))
+    assert "SUPERNET_CACHE" in read and read <= entrypoint.NOT_FLAGS | set(entrypoint.serve_options())
+    assert entrypoint.serve_argv(dict.fromkeys(entrypoint.NOT_FLAGS, "1")) == []
+
+
 def test_environment_maps_to_the_same_parameters_as_flags():
     """Each variable yields exactly the parameter its flag does (parsed by the real CLI), booleans included."""
     entrypoint = load_entrypoint()
