@@ -50,7 +50,7 @@ def test_concurrent_presets_through_our_http_layer(serve_backend_vllm, embedded_
     jobs = [(f"tiny-thin:{p}", prompt) for p in EXPORTED for prompt in (PROMPT_IDS, PROMPT_IDS[::-1])]
     with ThreadPoolExecutor(len(jobs)) as pool:
         got = list(pool.map(lambda job: tokens(serve_backend_vllm, *job, 16), jobs))
-    assert got == [embedded_greedy(model.split(":")[1], prompt, 16) for model, prompt in jobs]
+    assert got == [embedded_greedy(model.split(":", 1)[1], prompt, 16) for model, prompt in jobs]
 
 
 def test_a_preset_outside_the_export_is_rejected(serve_backend_vllm):
