@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.linear import derived, fused_linear, use_packed
 from supernet.cache import LayerState
 from supernet.layers import AttentionProjections, LoRA, repeat_heads
 
@@ -87,8 +89,18 @@ class MixerProjections(nn.Module):
         k = repeat_heads(k, self.head_dim, self.kv_repeat)
         v = repeat_heads(v, self.head_dim, self.kv_repeat)
         if self.lora is not None:
+            if use_packed(x):  # decode: the three LoRA deltas as one A matrix and one block-diagonal B
+                delta = self.lora_qkv_b(fused_linear(x, self, "lora_a", [self.lora[key].A for key in "qkv"]))
+                dq, dk, dv = delta.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+                return q + dq, k + dk, v + dv
             q, k, v = q + self.lora["q"](x), k + self.lora["k"](x), v + self.lora["v"](x)
         return q, k, v
+
+    def lora_qkv_b(self, a: Tensor) -> Tensor:
+        """The q, k and v LoRA B factors applied to the concatenated A outputs ``a`` [..., 3 * rank] at once."""
+        factors = [self.lora[key].B for key in "qkv"]
+        block = derived(self, "lora_b", factors, lambda: torch.block_diag(*factors))
+        return F.linear(a, block)
 
     def out(self, o: Tensor, base: AttentionProjections | None) -> Tensor:
         if self.own is not None:

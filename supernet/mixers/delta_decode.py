@@ -21,7 +21,7 @@ from torch import Tensor
 
 from kernels import gated_rms_norm, l2_norm
 from kernels.delta_rule.decode import conv_step_, delta_rule_step_
-from kernels.linear import derived, fused_linear
+from kernels.linear import fused_linear
 from supernet.cache import DeltaState, batched_rows
 from supernet.fastpath import fast_path_enabled
 from supernet.layers import repeat_heads
@@ -73,8 +73,6 @@ def _project(mixer, x: Tensor, base) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         qkv = torch.cat((q, repeat_heads(k, proj.head_dim, proj.kv_repeat),
                          repeat_heads(v, proj.head_dim, proj.kv_repeat)), dim=-1)
     if lora is not None:
-        b_factors = [lora[key].B for key in "qkv"]
-        block = derived(mixer, "decode_lora_b", b_factors, lambda: torch.block_diag(*b_factors))
-        qkv = torch.addmm(qkv, torch.cat(parts[:3], dim=-1), block.t())
+        qkv = qkv + proj.lora_qkv_b(torch.cat(parts[:3], dim=-1))
         parts = parts[3:]
     return qkv, parts[0], parts[1], parts[2]
