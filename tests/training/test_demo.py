@@ -1,6 +1,5 @@
 """The trained demo supernet that ships in supernet/demo/: within budget, all-FA is still the teacher, and
-every
-linear/windowed placement is closer to the teacher than at transfer init."""
+every linear/windowed placement is closer to the teacher than at transfer init."""
 
 from __future__ import annotations
 
@@ -29,8 +28,8 @@ def demo_and_teacher():
     demo = load_supernet(DEMO_DIR)
     teacher, _ = load_teacher(demo.config.base_model)
     tokenizer = AutoTokenizer.from_pretrained(DEMO_DIR)
-    ids = torch.tensor([tokenizer(TINY_TEXT)["input_ids"][:384]])  # longer than the 256-token SWA window
     swa = demo.config.swa
+    ids = torch.tensor([tokenizer(TINY_TEXT)["input_ids"][: 2 * swa.window]])  # twice the SWA window
     init = build_from_teacher(teacher, window=swa.window, sinks=swa.sinks, lora_rank=demo.config.lora_rank)
     with torch.inference_mode():
         t_logits = teacher(input_ids=ids).logits
@@ -46,9 +45,12 @@ def test_demo_all_fa_is_still_the_teacher(demo_and_teacher):
 @pytest.mark.parametrize("placement", [
     "all-gdn",
     "all-kda",
+    "fa-every-4:gdn",
+    "swa-every-2:kda",
     pytest.param("all-swa", marks=pytest.mark.xfail(strict=True, reason=(
-        "the shipped demo's tiny warm start (2-8 steps of 2 sequences per layer, lr 2e-3) left SWA slightly "
-        "further from the teacher than its transfer init (KL 0.0006 -> 0.0012 here); see README.md (Training)"))),
+        "SWA starts within 0.05 nats of the teacher and its gain is text-dependent: on held-out val at 2,048 "
+        "tokens training took all-SWA's KL 0.052 -> 0.049 (docs/training.md), on this synthetic snippet "
+        "0.0012 -> 0.0032"))),
 ])
 @torch.inference_mode()
 def test_demo_placement_is_closer_to_the_teacher_than_transfer_init(demo_and_teacher, placement):
