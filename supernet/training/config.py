@@ -142,6 +142,11 @@ class RunConfig:
     threads: int | None = None  # torch intra-op threads per process (None = torch's default)
     tensorboard: bool = False  # also write TensorBoard scalars (needs the `tensorboard` package)
     progress: bool = True  # tqdm progress bar
+    # How the stochastic stage spreads over torchrun's ranks: "ddp" (every rank holds the whole model;
+    # DistributedDataParallel averages gradients) or "fsdp2" (torch's fully_shard: weights, gradients and
+    # optimiser state sharded per decoder layer, for models too large to replicate). Same results, same
+    # checkpoint format (a run resumes under either); the warm start splits layers over ranks either way.
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -175,6 +180,8 @@ class TrainConfig:
             raise ValueError(f"optim.schedule={self.optim.schedule!r}; expected cosine or constant")
         if self.optim.trainable not in ("mixers", "mixers+fa", "all"):
             raise ValueError(f"optim.trainable={self.optim.trainable!r}; expected mixers, mixers+fa or all")
+        if self.run.parallel not in ("ddp", "fsdp2"):
+            raise ValueError(f"run.parallel={self.run.parallel!r}; expected ddp or fsdp2")
         if self.data.seq_len < 2:
             raise ValueError(f"data.seq_len={self.data.seq_len}: must be >= 2")
         if not 0 < self.data.val_fraction < 1:

@@ -58,9 +58,10 @@ def _read(directory: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def optimizer_to_tensors(
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    sd = optimizer.state_dict()
+    """An optimiser (or its ``state_dict()``, e.g. one gathered from FSDP2 shards) as flat tensors + groups."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors = {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
@@ -86,7 +87,7 @@ def save_training_state(
     run_dir: Path,
     step: int,
     params: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None,
     state: dict[str, Any],
     keep_last: int = 2,
     tag: str = "",

@@ -6,8 +6,9 @@ attention output from the teacher's own layer input, on chunks the teacher strea
 
 Stage 2 (stochastic): each step draws a placement per sequence (see sampling.py), runs the student on it, and
 minimises a weighted sum of per-layer activation matching, top-k logit KL (forward/reverse) and next-token CE.
-Data-parallel: ranks take equal slices of the global batch; DistributedDataParallel averages the gradients,
-which with equal-length packed sequences equals one process's gradient on the whole global batch.
+Data-parallel: ranks take equal slices of the global batch; DistributedDataParallel (or FSDP2's
+reduce-scatter, ``run.parallel: fsdp2``, see distributed.Fsdp2) averages the gradients, which with equal-length
+packed sequences equals one process's gradient on the whole global batch.
 
 Determinism (what resume and the 1-vs-N-process equivalence rest on): batch rows of step s come from a
 permutation seeded by (seed, epoch) and placements from a generator seeded by (seed, step) - both functions of
@@ -35,7 +36,7 @@ from supernet.config import MIXER_NAMES
 from supernet.model import SupernetForCausalLM
 from supernet.training.config import TrainConfig, config_fingerprint
 from supernet.training.data import PackedData, batch_rows, prepare_data
-from supernet.training.distributed import Dist, init_distributed
+from supernet.training.distributed import Dist, Fsdp2, init_distributed
 from supernet.training.losses import activation_loss, next_token_ce, topk_kl
 from supernet.training.sampling import PlacementSampler
 from supernet.training.state import (
@@ -145,6 +146,7 @@ class DistillStep(nn.Module):
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
         self.cfg, self.d = cfg, init_distributed()
+        self.fsdp: Fsdp2 | None = None  # set when the stochastic stage shards the model
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.out = cfg.out
@@ -250,12 +252,15 @@ class Trainer:
         extra_tensors: dict[str, Tensor] | None = None,
         tag: str = "",
     ) -> None:
+        params, optim = dict(self.params), optimizer
+        if self.fsdp is not None:  # every rank takes part in the gather; rank 0 receives full tensors
+            params, optim = self.fsdp.full_state(optimizer)
         if self.d.main:
             save_training_state(
                 self.out,
                 step,
-                {**{n: p for n, p in self.params.items()}, **(extra_tensors or {})},
-                optimizer,
+                {**params, **(extra_tensors or {})},
+                optim,
                 {"phase": phase, "fingerprint": self.fingerprint(), **(extra or {})},
                 keep_last=self.cfg.run.keep_last,
                 tag=tag,
@@ -326,14 +331,19 @@ class Trainer:
                 f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {d.world} ranks"
             )
         source = self.targets_source()
+        if d.world > 1 and cfg.run.parallel == "fsdp2":
+            self.fsdp = Fsdp2(self.model, self.names)
+            self.params = self.fsdp.params()
         params = list(self.params.values())
         optimizer = self.make_optimizer(params, cfg.optim.lr)
         if state is not None and state.get("optimizer_tensors") is not None:
-            optimizer.load_state_dict(
-                optimizer_from_tensors(state["optimizer_tensors"], state["optimizer_groups"])
-            )
+            saved = optimizer_from_tensors(state["optimizer_tensors"], state["optimizer_groups"])
+            if self.fsdp is not None:
+                self.fsdp.load_optimizer(optimizer, saved)
+            else:
+                optimizer.load_state_dict(saved)
         step_module: nn.Module = DistillStep(self.model, cfg)
-        if d.world > 1:
+        if d.world > 1 and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel
 
             step_module = DistributedDataParallel(step_module, find_unused_parameters=True)
@@ -368,7 +378,9 @@ class Trainer:
                 ids = torch.from_numpy(self.data.train[rows]).long().to(device)
                 targets = source.get(rows, ids)
                 sync = m == cfg.optim.grad_accum - 1 or d.world == 1
-                ctx = nullcontext() if sync else step_module.no_sync()
+                if self.fsdp is not None:
+                    self.model.set_requires_gradient_sync(sync)
+                ctx = nullcontext() if sync or self.fsdp is not None else step_module.no_sync()
                 with ctx:
                     loss, s, act = step_module(ids, placements, targets)
                     (loss / cfg.optim.grad_accum).backward()
@@ -417,6 +429,11 @@ class Trainer:
         bar.close()
         self.model.eval()
         self.save(cfg.optim.steps, optimizer, "train")
+        if self.fsdp is not None:  # from here on (final weights, evaluation) rank 0 works on a full copy
+            model, teacher = self.unsharded()
+            if d.main:
+                self.model, self.teacher = model, teacher
+            self.fsdp = None
         final = self.out / "final"
         if d.main:
             tmp = self.out / "final.tmp"
@@ -438,16 +455,25 @@ class Trainer:
             dist.all_reduce(values)
         return {k: float(v[0] / v[1]) for k, v in zip(names, values, strict=True) if v[1] > 0}
 
+    def unsharded(self) -> tuple[Any, Any]:
+        """(model, teacher) holding plain tensors: themselves, or under FSDP2 a full copy gathered onto rank 0
+        (None on the other ranks). Every rank must call it."""
+        if self.fsdp is None:
+            return self.model, self.teacher
+        model = self.fsdp.gather(lambda: SupernetForCausalLM(self.model.config))
+        return model, model if self.teacher is self.model else self.teacher
+
     def evaluate(self, step: int) -> dict[str, dict[str, float]]:
         from supernet.training.evaluate import evaluate_placements
 
+        model, teacher = self.unsharded()
         if not self.d.main:
             return {}
-        was_training = self.model.training
-        self.model.eval()
+        was_training = model.training
+        model.eval()
         val = torch.from_numpy(self.data.val).long()
-        results = evaluate_placements(self.model, val, self.cfg.run.eval_placements, teacher=self.teacher)
-        self.model.train(was_training)
+        results = evaluate_placements(model, val, self.cfg.run.eval_placements, teacher=teacher)
+        model.train(was_training)
         self.log(
             {
                 "phase": "eval",
