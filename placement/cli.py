@@ -21,11 +21,26 @@ ModelOpt = Annotated[Path, typer.Option("--model", help="supernet checkpoint dir
 DbOpt = Annotated[Path | None, typer.Option(help="results database (default $SUPERNET_CACHE/placement/results.sqlite)")]
 ContextOpt = Annotated[int, typer.Option(help="context length the cost (and KV budget) is stated at")]
 BatchOpt = Annotated[int, typer.Option(help="decode batch size the cost is stated at")]
+TraceSeqOpt = Annotated[int, typer.Option(help="teacher traces scored")]
+TraceLenOpt = Annotated[int, typer.Option(help="tokens per trace / KL sequence")]
+NeedleOpt = Annotated[str, typer.Option(help="passkey haystack lengths (tokens)")]
+SourcesOpt = Annotated[str, typer.Option(help="text sources whose held-out split is scored (see training data)")]
+ThreadsOpt = Annotated[int, typer.Option(help="torch threads (0: default, 1 when oversubscribed)")]
 
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
+
+
+def _set_threads(threads: int) -> None:
+    """Torch threads for this command (placement.pipeline.set_threads); a bad value is a CLI error."""
+    from placement.pipeline import set_threads
+
+    try:
+        set_threads(threads)
+    except ValueError as err:
+        fail(str(err))
 
 
 def _eval_settings(
@@ -67,27 +82,22 @@ def eval_cmd(
     ] = "trace_loglik,kl,needle_acc,needle_loglik",
     mc: Annotated[list[Path] | None, typer.Option(help="multiple-choice JSONL file(s) (metric mc:<file stem>)")] = None,
     db: DbOpt = None,
-    trace_sequences: Annotated[int, typer.Option(help="teacher traces scored")] = 4,
-    trace_length: Annotated[int, typer.Option(help="tokens per trace / KL sequence")] = 128,
+    trace_sequences: TraceSeqOpt = 4,
+    trace_length: TraceLenOpt = 128,
     kl_sequences: Annotated[int, typer.Option(help="held-out sequences for KL")] = 4,
-    needle_lengths: Annotated[str, typer.Option(help="passkey haystack lengths (tokens)")] = "512,1024",
-    sources: Annotated[
-        str, typer.Option(help="text sources whose held-out split is scored (see training data)")
-    ] = "demo",
-    threads: Annotated[int, typer.Option(help="torch threads (0: default, 1 when oversubscribed)")] = 0,
+    needle_lengths: NeedleOpt = "512,1024",
+    sources: SourcesOpt = "demo",
+    threads: ThreadsOpt = 0,
     seed: int = 0,
 ) -> None:
     """Score placements (results cached in the database; printed as JSON lines)."""
-    from placement.pipeline import evaluate_placement, open_checkpoint, set_threads
+    from placement.pipeline import evaluate_placement, open_checkpoint
     from supernet.checkpoint import CheckpointError
     from supernet.config import SupernetConfig
     from supernet.placement import PlacementError, format_placement, parse_placement
 
     settings = _eval_settings(trace_sequences, trace_length, kl_sequences, needle_lengths, seed, mc)
-    try:
-        set_threads(threads)
-    except ValueError as err:
-        fail(str(err))
+    _set_threads(threads)
     wanted = [m.strip() for m in metrics.split(",") if m.strip()]
     wanted += [f"mc:{p.stem}" for p in mc or () if f"mc:{p.stem}" not in wanted]
     from placement.evaluate import CORE_METRICS
@@ -126,11 +136,11 @@ def profile_cmd(
     prefill_context: Annotated[int, typer.Option(help="prefill length timed by the measured model")] = 1024,
     db: DbOpt = None,
     out: Annotated[Path | None, typer.Option(help="write the cost model(s) as JSON here")] = None,
-    threads: Annotated[int, typer.Option(help="torch threads (0: default, 1 when oversubscribed)")] = 0,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Per-mixer decode/prefill cost (measured here and/or analytic for a GPU), speed-ups and KV memory."""
     from placement.cost import GPUS, parse_cost_model_name
-    from placement.pipeline import make_cost_model, set_threads
+    from placement.pipeline import make_cost_model
     from placement.store import ResultStore, default_db_path
     from supernet.checkpoint import CheckpointError, load_supernet
     from supernet.config import SupernetConfig
@@ -146,10 +156,7 @@ def profile_cmd(
             raise ValueError(f"--context {context}, --batch {batch}, --prefill-context {prefill_context} must be >= 1")
     except (PlacementError, FileNotFoundError, ValueError) as err:
         fail(f"{err} (GPUs: {', '.join(GPUS)})" if "GPU" in str(err) else str(err))
-    try:
-        set_threads(threads)
-    except ValueError as err:
-        fail(str(err))
+    _set_threads(threads)
     net = None
     if "measured" in names:
         try:
@@ -214,14 +221,12 @@ def search_cmd(
     baseline: Annotated[bool, typer.Option(help="also run random search at the same evaluation budget")] = True,
     measure_cpu: Annotated[bool, typer.Option(help="add measured CPU speed-ups to the report")] = True,
     db: DbOpt = None,
-    trace_sequences: Annotated[int, typer.Option(help="teacher traces scored")] = 4,
-    trace_length: Annotated[int, typer.Option(help="tokens per trace / KL sequence")] = 128,
+    trace_sequences: TraceSeqOpt = 4,
+    trace_length: TraceLenOpt = 128,
     kl_sequences: Annotated[int, typer.Option(help="held-out sequences for KL (presets only)")] = 4,
-    needle_lengths: Annotated[str, typer.Option(help="passkey haystack lengths (tokens)")] = "512,1024",
-    sources: Annotated[
-        str, typer.Option(help="text sources whose held-out split is scored (see training data)")
-    ] = "demo",
-    threads: Annotated[int, typer.Option(help="torch threads (0: default, 1 when oversubscribed)")] = 0,
+    needle_lengths: NeedleOpt = "512,1024",
+    sources: SourcesOpt = "demo",
+    threads: ThreadsOpt = 0,
     note: Annotated[
         str | None, typer.Option(help="a line for the report (e.g. where the checkpoint came from)")
     ] = None,
@@ -229,16 +234,13 @@ def search_cmd(
 ) -> None:
     """Sample -> evaluate -> fit surrogate -> exact DP Pareto front -> measured presets, report and plot."""
     from placement.constraints import InfeasibleError
-    from placement.pipeline import search_pipeline, set_threads
+    from placement.pipeline import search_pipeline
     from placement.search import SearchSettings
     from supernet.checkpoint import CheckpointError
     from supernet.placement import PlacementError
 
     settings = _eval_settings(trace_sequences, trace_length, kl_sequences, needle_lengths, seed, None)
-    try:
-        set_threads(threads)
-    except ValueError as err:
-        fail(str(err))
+    _set_threads(threads)
     if evals < 2 or init_random < 0 or per_round < 1 or presets < 1 or distance < 0:
         fail(
             f"--evals {evals} must be >= 2, --per-round {per_round} and --presets {presets} >= 1, "

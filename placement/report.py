@@ -4,7 +4,6 @@ with every metric, surrogate accuracy, guided vs random search, exact DP vs gree
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -12,19 +11,10 @@ from typing import Any
 
 from placement.evaluate import EvalSettings
 from placement.search import SearchResult, SearchSettings
+from supernet.atomic import atomic_write
 from supernet.config import MIXER_NAMES
 from supernet.placement import format_placement
 from supernet.presets import PresetEntry, PresetsFile
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 def plot_front(
@@ -44,21 +34,18 @@ def plot_front(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    if baseline:
-        ax.scatter(
-            [speedup(p) for p in baseline],
-            list(baseline.values()),
-            s=14,
-            c="#bbbbbb",
-            label=f"random search ({len(baseline)} measured)",
-        )
-    ax.scatter(
-        [speedup(p) for p in guided],
-        list(guided.values()),
-        s=16,
-        c="#4a7fb5",
-        label=f"surrogate-guided ({len(guided)} measured)",
-    )
+    for points, size, color, label in (
+        (baseline, 14, "#bbbbbb", "random search"),
+        (guided, 16, "#4a7fb5", "surrogate-guided"),
+    ):
+        if points:
+            ax.scatter(
+                [speedup(p) for p in points],
+                list(points.values()),
+                s=size,
+                c=color,
+                label=f"{label} ({len(points)} measured)",
+            )
     if front_pred:
         xs, ys = zip(*sorted(front_pred), strict=True)
         ax.plot(xs, ys, c="#4a7fb5", lw=1, alpha=0.7, label="predicted Pareto front (DP)")
@@ -215,7 +202,7 @@ def write_report(
             )
     lines.append("")
     path = Path(path)
-    _atomic_write(path, "\n".join(lines).encode())
+    atomic_write(path, "\n".join(lines).encode())
     return path
 
 
@@ -229,5 +216,5 @@ def write_search_json(path: Path, result: SearchResult, es: EvalSettings, ss: Se
         "comparison": result.comparison,
         "settings": {"eval": asdict(es), "search": asdict(ss)},
     }
-    _atomic_write(path, (json.dumps(data, indent=1, default=str) + "\n").encode())
+    atomic_write(path, (json.dumps(data, indent=1, default=str) + "\n").encode())
     return path

@@ -18,12 +18,13 @@ Placements stay strings here: they are checked against a model's depth by whoeve
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from supernet.atomic import atomic_write
 
 PRESETS_FILE = "presets.yaml"
 
@@ -139,17 +140,9 @@ def read_presets(path: str | Path) -> PresetsFile:
 def write_presets(path: str | Path, document: PresetsFile, header: str = "") -> Path:
     """Write atomically (temp file + rename), so a server never reads half a file; ``header`` is prepended as
     comment lines."""
-    path = Path(path)
     text = "".join(f"# {line}\n" for line in header.splitlines())
     text += yaml.safe_dump(document.model_dump(exclude_none=True), sort_keys=False, width=120)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    return path
+    return atomic_write(path, text)
 
 
 def preset_placements(model_dir: str | Path) -> dict[str, str]:

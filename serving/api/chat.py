@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.api.deps import check_api_key, get_engine, get_settings
+from serving.api.deps import check_api_key, open_request
 from serving.api.errors import APIError
 from serving.api.logprobs import LogprobFormatter
-from serving.api.params import chat_prompt, resolve_model, sampling_params, speculative_flag
+from serving.api.params import chat_prompt, sampling_params, speculative_flag
 from serving.api.streams import SSE_DONE, SpecTally, collect, sse, sse_error, submit
 from serving.protocol import (
     AssistantMessage,
@@ -42,10 +42,8 @@ def chat_max_tokens(body: ChatCompletionRequest, prompt_len: int, max_model_len:
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    engine = get_engine(request)
+    engine, resolved, fmt = open_request(body, request)
     tokenizer = engine.tokenizer
-    resolved = resolve_model(body, engine, get_settings(request).allow_custom_placement)
-    fmt = LogprobFormatter(tokenizer, body.return_tokens_as_token_ids)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     prompt = chat_prompt(body, tokenizer)

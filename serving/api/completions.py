@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.api.deps import check_api_key, get_engine, get_settings
+from serving.api.deps import check_api_key, open_request
 from serving.api.errors import APIError
 from serving.api.logprobs import LogprobFormatter
-from serving.api.params import completion_prompts, resolve_model, sampling_params, speculative_flag
+from serving.api.params import completion_prompts, sampling_params, speculative_flag
 from serving.api.streams import SSE_DONE, SpecTally, collect, merge, sse, sse_error, submit
 from serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from serving.types import OutputStream
@@ -35,10 +35,8 @@ def completion_max_tokens(body: CompletionRequest) -> int:
 
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    engine = get_engine(request)
+    engine, resolved, fmt = open_request(body, request)
     tokenizer = engine.tokenizer
-    resolved = resolve_model(body, engine, get_settings(request).allow_custom_placement)
-    fmt = LogprobFormatter(tokenizer, body.return_tokens_as_token_ids)
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of not in (None, body.n):

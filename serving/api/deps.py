@@ -1,5 +1,5 @@
 """What every endpoint shares, reached through ``request.app.state`` (set by ``create_app``): the engine, the
-server's settings, and the API-key check."""
+server's settings, the API-key check, and the opening every generation endpoint shares."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from serving.api.errors import APIError
+from serving.api.logprobs import LogprobFormatter
+from serving.api.params import OpenAIRequest, Resolved, resolve_model
 from serving.metrics import ServingMetrics
 from serving.types import EngineClient
 
@@ -44,3 +46,11 @@ async def check_api_key(request: Request) -> None:
             "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
             code="invalid_api_key",
         )
+
+
+def open_request(body: OpenAIRequest, request: Request) -> tuple[EngineClient, Resolved, LogprobFormatter]:
+    """What every generation endpoint starts with: the engine, the preset the request runs on (404/400 for a
+    bad model id or preset), and the request's logprob formatter."""
+    engine = get_engine(request)
+    resolved = resolve_model(body, engine, get_settings(request).allow_custom_placement)
+    return engine, resolved, LogprobFormatter(engine.tokenizer, body.return_tokens_as_token_ids)

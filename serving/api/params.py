@@ -13,7 +13,7 @@ from serving.sampling import SamplingParams
 from serving.types import EngineClient
 from supernet.placement import Placement, PlacementError
 
-Request = CompletionRequest | ChatCompletionRequest
+OpenAIRequest = CompletionRequest | ChatCompletionRequest
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Resolved:
     placement: Placement
 
 
-def resolve_model(body: Request, engine: EngineClient, allow_custom_placement: bool = False) -> Resolved:
+def resolve_model(body: OpenAIRequest, engine: EngineClient, allow_custom_placement: bool = False) -> Resolved:
     """Model id ``<model>`` or ``<model>:<preset>``, or a ``preset`` / ``vllm_xargs.preset`` field; an
     explicit ``placement`` only when the server allows it."""
     name, presets = engine.info.name, engine.info.presets
@@ -75,7 +75,7 @@ def resolve_model(body: Request, engine: EngineClient, allow_custom_placement: b
     return Resolved(body.model, p.name, p.placement)
 
 
-def speculative_flag(body: Request) -> bool | None:
+def speculative_flag(body: OpenAIRequest) -> bool | None:
     """``speculative`` (or ``vllm_xargs.speculative``): force self-speculative decoding on or off."""
     flag = body.speculative if body.speculative is not None else (body.vllm_xargs or {}).get("speculative")
     if flag is not None and not isinstance(flag, bool):
@@ -84,7 +84,7 @@ def speculative_flag(body: Request) -> bool | None:
 
 
 def sampling_params(
-    body: Request, max_tokens: int, vocab_size: int, logprobs: int | None, prompt_logprobs: int | None
+    body: OpenAIRequest, max_tokens: int, vocab_size: int, logprobs: int | None, prompt_logprobs: int | None
 ) -> SamplingParams:
     """The request's sampling fields, checked; fields this server cannot honour are refused, not ignored."""
     for name in ("presence_penalty", "frequency_penalty"):
