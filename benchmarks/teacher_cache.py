@@ -52,7 +52,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from supernet.training.config import TrainConfig
-    from supernet.training.trainer import DistillStep, Trainer
+    from supernet.training.step import DistillStep
+    from supernet.training.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     model_dir = tiny_model(work / "model") if args.tiny else args.model

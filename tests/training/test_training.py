@@ -20,7 +20,8 @@ import yaml
 from supernet.checkpoint import CheckpointError, load_supernet
 from supernet.training.config import TrainConfig, load_train_config
 from supernet.training.state import complete_checkpoints, load_training_state, save_training_state
-from supernet.training.trainer import DistillStep, Trainer, train
+from supernet.training.step import DistillStep
+from supernet.training.trainer import Trainer, train
 from tests.conftest import TINY_TEXT
 
 REPO = Path(__file__).resolve().parents[2]
