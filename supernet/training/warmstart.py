@@ -162,14 +162,17 @@ class WarmStart:
             "warm_groups": {**self.foreign_groups, **groups},
         }
 
-    def restore(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-        """Continue from a warm-start checkpoint written by :meth:`state_json`/:meth:`state_tensors`."""
+    def restore(self, tensors: dict[str, Tensor], state: dict[str, Any], *, own_optimizers: bool = True) -> None:
+        """Continue from a warm-start checkpoint written by :meth:`state_json`/:meth:`state_tensors`
+        (``own_optimizers=False``: keep the live optimisers of this rank's layers, as after an exchange)."""
         self.chunk = int(state.get("warm_chunk", 0))
         self.progress = {}
         for record in state.get("warm_progress", []):
             p = MixerProgress(**record)
             self.progress[p.key] = p
-        self.optimizers, self.foreign, self.foreign_groups = {}, {}, {}
+        if own_optimizers:
+            self.optimizers = {}
+        self.foreign, self.foreign_groups = {}, {}
         for key, groups in state.get("warm_groups", {}).items():
             layer, name = key.split(".", 1)
             prefix = f"{OPTIM}{key}::"
@@ -177,6 +180,8 @@ class WarmStart:
             if not self.owned(int(layer)):
                 self.foreign.update(mine)
                 self.foreign_groups[key] = groups
+                continue
+            if not own_optimizers:
                 continue
             opt = self.new_optimizer(int(layer), name, self.progress[key].lr)
             opt.load_state_dict(optimizer_from_tensors({n[len(prefix) :]: t for n, t in mine.items()}, groups))
@@ -355,10 +360,8 @@ class WarmStart:
             for key, value in part["json"]["warm_groups"].items():
                 if int(key.split(".")[0]) % self.d.world == rank:
                     groups[key] = value
-        own_optimizers = self.optimizers
         merged = {"warm_chunk": self.chunk, "warm_progress": list(progress.values()), "warm_groups": groups}
-        self.restore(tensors, merged)
-        self.optimizers = own_optimizers  # the live optimisers, not copies rebuilt from their tensors
+        self.restore(tensors, merged, own_optimizers=False)
 
 
 MIXER_INDEX = {"fa": 0, "swa": 1, "gdn": 2, "kda": 3}

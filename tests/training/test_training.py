@@ -75,6 +75,28 @@ def losses(path: Path) -> dict[int, float]:
     return out
 
 
+def kill_run_at_checkpoint(config: Path, out: Path, at_least: str) -> str:
+    """Start `supernet train config` in a subprocess, SIGKILL it as soon as its newest checkpoint's name sorts
+    at or after ``at_least``, and return that name."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supernet.cli", "train", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= at_least:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run finished before reaching {at_least} could kill it: make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return latest.read_text().strip()
+
+
 @torch.no_grad()
 def placement_loss(trainer: Trainer, placement: str, rows: np.ndarray) -> float:
     """The distillation loss (activation + KL) of one whole-model placement on fixed training rows."""
@@ -192,23 +214,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_su
     cfg = tiny_config(tmp_path / "killed", tiny_supernet_dir, blockwise={"steps": 3}, optim={"steps": steps})
     path = write_config(tmp_path / "killed.yaml", cfg)
     out = Path(cfg["run"]["out"])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supernet.cli", "train", str(path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step-000010":
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed: raise `steps`"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = latest.read_text().strip()
+    killed_at = kill_run_at_checkpoint(path, out, "step-000010")
     assert killed_at < f"step-{steps:06d}" and not (out / "final").exists()
     # What a kill can leave behind must never be loaded: a half-written checkpoint directory, and one missing
     # the state.json that is written last.

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 from supernet.training.config import TrainConfig
 from supernet.training.trainer import Trainer, train
 from supernet.training.warmstart import WarmStart
-from tests.training.test_training import REPO, tiny_config, trainable, write_config
+from tests.training.test_training import REPO, kill_run_at_checkpoint, tiny_config, trainable, write_config
 
 
 def warm_records(run: Path) -> list[dict]:
@@ -60,23 +58,7 @@ def test_warm_start_killed_between_chunks_resumes_exactly(tmp_path, tiny_superne
     cfg = tiny_config(tmp_path / "killed", tiny_supernet_dir, blockwise=blockwise, optim={"steps": 2})
     path = write_config(tmp_path / "killed.yaml", cfg)
     out = Path(cfg["run"]["out"])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supernet.cli", "train", str(path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step-000000-warm-00005":
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the warm start finished before it could be killed: raise blockwise.steps"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = latest.read_text().strip()
+    killed_at = kill_run_at_checkpoint(path, out, "step-000000-warm-00005")
     assert "warm" in killed_at and not (out / "final").exists()
     proc = subprocess.run(
         [sys.executable, "-m", "supernet.cli", "train", str(path), "--resume"],
