@@ -54,7 +54,7 @@ class DecoderLayer(nn.Module):
             rows = [i for i, n in enumerate(names) if n == name]
             index = torch.tensor(rows, device=h.device)
             sub_states = None if states is None else [states[i] for i in rows]
-            out[index] = self.mixers[name](h[index], self.attn, ctx.rows(index), sub_states)
+            out[index] = self.mixers[name](h[index], self.attn, ctx.rows(index), sub_states).to(out.dtype)
         return out
 
     def forward(

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import fla
-from kernels.delta_rule.utils import VarlenLayout, check_inputs
+from kernels.delta_rule.utils import VarlenLayout, check_inputs, fp32_scan
 
 __all__ = ["chunk_gated_delta_rule", "chunk_kda", "chunk_delta_rule"]
 
@@ -258,6 +258,7 @@ def _chunk_group(
     return torch.baddbmm(aqk @ u.view(Xg, C, V), q * gamma, states.view(Xg, K, V))
 
 
+@fp32_scan
 def chunk_delta_rule(
     q: Tensor,
     k: Tensor,

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 
 from kernels import fla
-from kernels.delta_rule.utils import VarlenLayout, check_inputs
+from kernels.delta_rule.utils import VarlenLayout, check_inputs, fp32_scan
 
 __all__ = ["recurrent_gated_delta_rule", "recurrent_kda", "recurrent_delta_rule"]
 
 
+@fp32_scan
 def recurrent_delta_rule(
     q: Tensor,
     k: Tensor,

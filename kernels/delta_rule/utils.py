@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
+
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+def fp32_scan(fn: _Fn) -> _Fn:
+    """Run a delta-rule scan with autocast off, so its state accumulates in fp32 even inside a bf16 autocast
+    region (training's ``run.autocast``), where every matmul would otherwise round to bf16. The scans cast
+    their inputs to fp32 themselves and return the input dtype."""
+
+    @functools.wraps(fn)
+    def scan(q: Tensor, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+
+    return scan  # type: ignore[return-value]
 
 
 def check_inputs(

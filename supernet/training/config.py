@@ -147,6 +147,10 @@ class RunConfig:
     # optimiser state sharded per decoder layer, for models too large to replicate). Same results, same
     # checkpoint format (a run resumes under either); the warm start splits layers over ranks either way.
     parallel: str = "ddp"
+    # "bf16" runs the stochastic stage's forward passes (teacher and student) under CPU/CUDA autocast: matmuls
+    # in bf16 (measured 1.75x faster per step on an AVX512-bf16 CPU), weights, optimiser state and losses in
+    # fp32, and the linear mixers' chunked/recurrent scans always in fp32 (kernels opt out of autocast).
+    autocast: str = "none"
 
 
 @dataclass
@@ -182,6 +186,8 @@ class TrainConfig:
             raise ValueError(f"optim.trainable={self.optim.trainable!r}; expected mixers, mixers+fa or all")
         if self.run.parallel not in ("ddp", "fsdp2"):
             raise ValueError(f"run.parallel={self.run.parallel!r}; expected ddp or fsdp2")
+        if self.run.autocast not in ("none", "bf16"):
+            raise ValueError(f"run.autocast={self.run.autocast!r}; expected none or bf16")
         if self.data.seq_len < 2:
             raise ValueError(f"data.seq_len={self.data.seq_len}: must be >= 2")
         if not 0 < self.data.val_fraction < 1:

@@ -166,6 +166,10 @@ class Trainer:
             self.cfg.model.checkpoint,
         )
 
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The forward passes' precision (``run.autocast``); backward follows what forward recorded."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.run.autocast == "bf16")
+
     def targets_source(self):
         tc = self.cfg.teacher_cache
         if not tc.enabled:
@@ -325,13 +329,15 @@ class Trainer:
                     placements[d.rank * micro : (d.rank + 1) * micro],
                 )
                 ids = torch.from_numpy(self.data.train[rows]).long().to(device)
-                targets = source.get(rows, ids)
+                with self.autocast(device):
+                    targets = source.get(rows, ids)
                 sync = m == cfg.optim.grad_accum - 1 or d.world == 1
                 if self.fsdp is not None:
                     self.model.set_requires_gradient_sync(sync)
                 ctx = nullcontext() if sync or self.fsdp is not None else step_module.no_sync()
                 with ctx:
-                    loss, s, act = step_module(ids, placements, targets)
+                    with self.autocast(device):
+                        loss, s, act = step_module(ids, placements, targets)
                     (loss / cfg.optim.grad_accum).backward()
                 stats += s.cpu() / cfg.optim.grad_accum
                 for li, row_losses in enumerate(act.cpu().tolist()):

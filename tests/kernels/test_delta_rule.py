@@ -175,6 +175,19 @@ def test_bf16_inputs_keep_fp32_state(rule: str) -> None:
     assert max_err(o, o32) <= 0.1
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_autocast_region_leaves_the_scans_in_fp32(rule: str) -> None:
+    """Inside a bf16 autocast region (training's run.autocast) the scans still compute in fp32: the same
+    bits as outside it, not bf16-rounded matmuls."""
+    x = delta_inputs(rule, B=2, T=100, initial_state=True, seed=31)
+    for fn in (CHUNK[rule], RECURRENT[rule]):
+        o_ref, s_ref = fn(**x, output_final_state=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o, s = fn(**x, output_final_state=True)
+        assert o.dtype == s.dtype == torch.float32
+        assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
+
+
 def test_bad_shapes_raise_clear_errors() -> None:
     x = delta_inputs("gdn", B=1, T=8)
     with pytest.raises(ValueError, match="g must be"):

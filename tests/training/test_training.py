@@ -146,6 +146,32 @@ def test_tiny_run_lowers_every_mixer_loss_and_blockwise_lowers_every_layer(tmp_p
     )
 
 
+def test_bf16_autocast_trains_fp32_weights_and_lowers_the_loss(tmp_path, tiny_supernet_dir):
+    """``run.autocast: bf16``: forward passes in bf16 autocast, yet the trainable weights (and the saved
+    supernet) stay fp32 and the linear mixers' distillation loss still falls."""
+    presets = [{"placement": f"all-{m}", "prob": 0.3} for m in ("gdn", "kda")]
+    cfg = TrainConfig.from_dict(
+        tiny_config(
+            tmp_path,
+            tiny_supernet_dir,
+            optim={"steps": 20, "lr": 1.0e-3},
+            sampling={"presets": presets},
+            run={"autocast": "bf16", "save_every": 20},
+        )
+    )
+    probe = np.arange(8)
+    trainer = Trainer(cfg)
+    before = {p: placement_loss(trainer, p, probe) for p in ("all-gdn", "all-kda")}
+    result = train(cfg, resume=True)
+    trained = load_supernet(result["final"])
+    assert {t.dtype for t in trained.state_dict().values()} == {torch.float32}
+    trainer.model.load_state_dict(trained.state_dict())
+    after = {p: placement_loss(trainer, p, probe) for p in before}
+    for p in before:
+        assert after[p] < before[p], (p, before[p], after[p])
+    assert all(np.isfinite(v) for v in losses(tmp_path / "run" / "metrics.jsonl").values())
+
+
 def test_torchrun_two_processes_match_one(tmp_path, tiny_supernet_dir):
     """Same global batch on 1 and 2 gloo processes: the same loss trajectory and the same weight updates.
 
@@ -349,4 +375,7 @@ def test_config_errors_name_the_field(tmp_path):
     assert load_train_config(toml).loss.reverse_kl == 0.5
     path.write_text("sampling: {mixers: [fa, mamba]}\n")
     with pytest.raises(ValueError, match="mamba"):
+        load_train_config(path)
+    path.write_text("run: {autocast: fp16}\n")
+    with pytest.raises(ValueError, match="fp16"):
         load_train_config(path)
