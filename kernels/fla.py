@@ -12,6 +12,7 @@ matching this package's contract.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 
 @functools.cache
-def _fla_ops() -> Any | None:
+def _fla_ops() -> dict[str, Callable[..., Any]] | None:
     """Import fla's delta-rule ops once; ``None`` when not installed or broken (e.g. no triton)."""
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -52,7 +53,10 @@ def call(
     cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run fla op ``name`` (one of chunk_gdn, recurrent_gdn, chunk_kda, recurrent_kda). UNTESTED HERE."""
-    op = _fla_ops()[name]
+    ops = _fla_ops()
+    if ops is None:
+        raise RuntimeError("flash-linear-attention (fla) is not importable")
+    op = ops[name]
     o, final = op(
         q=q,
         k=k,

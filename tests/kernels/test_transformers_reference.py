@@ -33,35 +33,29 @@ def kimi():
     return mod.chunk_kimi_delta_attention, mod.recurrent_kimi_delta_attention
 
 
+def assert_both_forms_match(rule: str, ours, references, T: int, with_state: bool) -> None:
+    """Our chunked and recurrent forms each against both of the reference's forms (chunked, recurrent)."""
+    x = delta_inputs(rule, B=2, T=T, H=3, K=32, V=16, initial_state=with_state, seed=T)
+    args = (x["q"], x["k"], x["v"], x["g"], x["beta"])
+    refs = [ref(*args, initial_state=x["initial_state"], output_final_state=True) for ref in references]
+    for fn in ours:
+        o, s = fn(**x, output_final_state=True)
+        for o_ref, s_ref in refs:
+            assert max_err(o, o_ref) <= fp32_tol(o_ref), fn.__name__
+            assert max_err(s, s_ref) <= fp32_tol(s_ref), fn.__name__
+
+
 @pytest.mark.parametrize("T", [1, 65, 200])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_gdn_matches_qwen3_next(qwen, T: int, with_state: bool) -> None:
-    ref_chunk, ref_recurrent = qwen
-    x = delta_inputs("gdn", B=2, T=T, H=3, K=32, V=16, initial_state=with_state, seed=T)
-    args = (x["q"], x["k"], x["v"], x["g"], x["beta"])
-    o_rc, s_rc = ref_chunk(*args, initial_state=x["initial_state"], output_final_state=True)
-    o_rr, s_rr = ref_recurrent(*args, initial_state=x["initial_state"], output_final_state=True)
-    for fn in (chunk_gated_delta_rule, recurrent_gated_delta_rule):
-        o, s = fn(**x, output_final_state=True)
-        for o_ref, s_ref in ((o_rc, s_rc), (o_rr, s_rr)):
-            assert max_err(o, o_ref) <= fp32_tol(o_ref), fn.__name__
-            assert max_err(s, s_ref) <= fp32_tol(s_ref), fn.__name__
+    assert_both_forms_match("gdn", (chunk_gated_delta_rule, recurrent_gated_delta_rule), qwen, T, with_state)
 
 
 @pytest.mark.parametrize("T", [1, 65, 130])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_kda_matches_kimi_linear(kimi, T: int, with_state: bool) -> None:
-    ref_chunk, ref_recurrent = kimi
     # Per-channel log-decay down to -5 per token (the helper's default), i.e. channels that forget in a token.
-    x = delta_inputs("kda", B=2, T=T, H=3, K=32, V=16, initial_state=with_state, seed=T)
-    args = (x["q"], x["k"], x["v"], x["g"], x["beta"])
-    o_rc, s_rc = ref_chunk(*args, initial_state=x["initial_state"], output_final_state=True)
-    o_rr, s_rr = ref_recurrent(*args, x["initial_state"], True)
-    for fn in (chunk_kda, recurrent_kda):
-        o, s = fn(**x, output_final_state=True)
-        for o_ref, s_ref in ((o_rc, s_rc), (o_rr, s_rr)):
-            assert max_err(o, o_ref) <= fp32_tol(o_ref), fn.__name__
-            assert max_err(s, s_ref) <= fp32_tol(s_ref), fn.__name__
+    assert_both_forms_match("kda", (chunk_kda, recurrent_kda), kimi, T, with_state)
 
 
 def test_kda_with_gdn_shaped_decay_equals_gdn(qwen) -> None:

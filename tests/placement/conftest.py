@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import tiny_llama_config
+
 TINY_VOCAB = 320
 
 
@@ -34,23 +36,17 @@ def _train_tokenizer(path: Path):
 
 
 def make_tiny_checkpoint(path: Path, seed: int = 0, layers: int = 4) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from supernet.checkpoint import save_supernet
     from supernet.convert import build_from_teacher
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = tiny_llama_config(
         vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
-        bos_token_id=0,
         eos_token_id=1,
     )
     teacher = LlamaForCausalLM(cfg).eval()

