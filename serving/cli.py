@@ -55,13 +55,27 @@ def serve(
         str, typer.Option(help="'embedded' (this package's engine) or 'vllm' (vLLM's engine, docs/vllm.md)")
     ] = "embedded",
     tensor_parallel_size: Annotated[int, typer.Option(help="vllm backend: GPUs per model replica")] = 1,
-    dtype: Annotated[str, typer.Option(help="vllm backend: weight dtype (auto, float32, bfloat16, ...)")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(help="weights and KV caches: auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16, ..."),
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="embedded backend: cpu, cuda or cuda:N")] = "cpu",
+    latency_target_ms: Annotated[
+        float | None,
+        typer.Option(help="auto preset: per-output-token latency target in ms (default 100); docs/serving.md"),
+    ] = None,
+    min_quality: Annotated[
+        float | None,
+        typer.Option(help="auto preset: quality floor, in presets.yaml's measured_quality units"),
+    ] = None,
 ) -> None:
     """Serve a supernet over an OpenAI-compatible HTTP API (every preset is a model id)."""
     import supernet
+    from serving.auto_preset import AutoPresetError
     from serving.presets import PresetError
     from serving.server import ServeError, ServeOptions
     from serving.server import serve as run
+    from supernet.device import DeviceError, resolve
 
     def fail(message: str) -> None:
         typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -96,7 +110,17 @@ def serve(
         threads=threads,
         shutdown_timeout=shutdown_timeout,
         log_level=log_level.lower(),
+        latency_target_ms=latency_target_ms,
+        min_quality=min_quality,
+        device=device,
+        dtype=dtype,
     )
+    try:
+        options.auto_config()  # bad auto values fail here, before the model loads
+        if backend == "embedded":
+            resolve(device, dtype)
+    except (AutoPresetError, DeviceError) as err:
+        fail(str(err))
     if backend not in ("embedded", "vllm"):
         fail(f"--backend {backend!r}: expected 'embedded' or 'vllm'")
     if backend == "vllm":

@@ -33,10 +33,18 @@ class PresetError(ValueError):
     """A presets file or preset name that cannot be used; the message names the bad value."""
 
 
+AUTO = "auto"  # reserved: the per-request choice of serving.auto_preset, not a placement
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
     placement: Placement
+    # from presets.yaml when the search wrote them (None for built-in or hand-written presets): the weighted
+    # quality measured on held-out data (higher is better) and the decode speed-up vs all-FA; the auto preset
+    # (serving.auto_preset) chooses by these two
+    quality: float | None = None
+    speedup: float | None = None
 
     @property
     def spec(self) -> str:
@@ -71,7 +79,9 @@ def table_from_specs(
     num_layers: int,
     default: str | None = None,
     source: str = "builtin",
+    scores: Mapping[str, tuple[float | None, float | None]] | None = None,
 ) -> PresetTable:
+    """``scores``: name -> (measured quality, speed-up) for the presets that have them."""
     items = list(specs.items()) if isinstance(specs, Mapping) else list(specs)
     if not items:
         raise PresetError(f"{source}: no presets")
@@ -81,8 +91,11 @@ def table_from_specs(
             raise PresetError(f"{source}: preset name {name!r} must be a non-empty string without spaces")
         if name in presets:
             raise PresetError(f"{source}: preset {name!r} is defined twice")
+        if name == AUTO:
+            raise PresetError(f"{source}: preset name {AUTO!r} is reserved (the server's automatic choice)")
+        quality, speedup = (scores or {}).get(name, (None, None))
         try:
-            presets[name] = Preset(name, parse_placement(spec, num_layers))
+            presets[name] = Preset(name, parse_placement(spec, num_layers), quality, speedup)
         except PlacementError as err:
             raise PresetError(f"{source}: preset {name!r}: {err}") from err
     return PresetTable(presets, default or items[0][0], source)
@@ -98,7 +111,8 @@ def load_presets_file(path: str | Path, num_layers: int) -> PresetTable:
     except PresetsFileError as err:
         raise PresetError(str(err)) from None
     items = [(p.name, p.placement) for p in doc.presets]
-    return table_from_specs(items, num_layers, default=doc.default_name, source=str(path))
+    scores = {p.name: (p.measured_quality, p.speedup) for p in doc.presets}
+    return table_from_specs(items, num_layers, default=doc.default_name, source=str(path), scores=scores)
 
 
 def load_presets(model_dir: str | Path | None, num_layers: int) -> PresetTable:

@@ -11,6 +11,7 @@ from typing import Any
 
 from serving.api import ServerSettings, create_app
 from serving.async_engine import AsyncEngine
+from serving.auto_preset import AutoConfig, AutoPreset, AutoPresetError, AutoPresetPolicy
 from serving.engine import EngineConfig, GiB, LLMEngine
 from serving.metrics import ServingMetrics
 from serving.presets import PresetTable, load_presets, load_presets_file
@@ -40,6 +41,17 @@ class ServeOptions:
     threads: int | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    latency_target_ms: float | None = None  # the auto preset's target (None: AutoConfig's default)
+    min_quality: float | None = None  # the auto preset's quality floor (presets.yaml's measured_quality units)
+    device: str = "cpu"
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA (supernet.device.resolve_dtype)
+
+    def auto_config(self) -> AutoConfig | None:
+        """None when neither auto option is given (then auto is offered with defaults if the presets allow)."""
+        if self.latency_target_ms is None and self.min_quality is None:
+            return None
+        target = AutoConfig.latency_target_ms if self.latency_target_ms is None else self.latency_target_ms
+        return AutoConfig(latency_target_ms=target, min_quality=self.min_quality)
 
 
 def default_threads() -> int:
@@ -92,6 +104,17 @@ def build_engine(
     return AsyncEngine(LLMEngine(model, tokenizer, config, metrics=metrics), info)
 
 
+def make_auto(presets: PresetTable, config: AutoConfig | None, registry: Any) -> tuple[AutoPreset | None, str]:
+    """The auto preset, or None and why not. Asked for explicitly (``config`` given), a preset table that cannot
+    support it is a ServeError; otherwise auto is simply not offered when the presets lack quality and speed."""
+    try:
+        return AutoPreset(AutoPresetPolicy.from_presets(presets, config or AutoConfig()), registry), ""
+    except AutoPresetError as err:
+        if config is not None:
+            raise ServeError(str(err)) from None
+        return None, str(err)
+
+
 def build_app(
     model: Any,
     tokenizer: Any,
@@ -103,8 +126,11 @@ def build_app(
     api_key: str | None = None,
     allow_custom_placement: bool = False,
     shutdown_timeout: float = 30.0,
+    auto: AutoConfig | None = None,
 ):
-    """A ready FastAPI app (the engine thread starts with the app's lifespan)."""
+    """A ready FastAPI app (the engine thread starts with the app's lifespan). ``auto``: the auto preset's
+    settings (serving.auto_preset); None offers it with the defaults when the presets carry quality and
+    speed."""
     metrics = ServingMetrics()
     engine = build_engine(
         model,
@@ -115,21 +141,29 @@ def build_app(
         engine_config=engine_config,
         metrics=metrics,
     )
+    auto_preset, why_not = make_auto(engine.info.presets, auto, metrics.registry)
     settings = ServerSettings(
-        api_key=api_key, allow_custom_placement=allow_custom_placement, shutdown_timeout=shutdown_timeout
+        api_key=api_key,
+        allow_custom_placement=allow_custom_placement,
+        shutdown_timeout=shutdown_timeout,
+        auto=auto_preset,
+        auto_unavailable=why_not,
     )
     return create_app(engine, settings, metrics)
 
 
-def load_model(model_dir: str | Path) -> tuple[Any, Any]:
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Any]:
+    """The checkpoint's model on ``device`` in ``dtype`` (its caches follow: supernet.cache) and tokenizer."""
     import transformers
     from transformers import AutoTokenizer
 
     from supernet.checkpoint import load_supernet
+    from supernet.device import resolve
 
     check_model_dir(model_dir)
     transformers.logging.set_verbosity_error()  # AutoTokenizer warns about our config's model_type
-    model = load_supernet(model_dir)
+    torch_device, torch_dtype = resolve(device, dtype)
+    model = load_supernet(model_dir, dtype=torch_dtype, device=torch_device)
     if (Path(model_dir) / "tokenizer_config.json").is_file() or model.config.base_model is None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     else:  # a delta checkpoint shipped without tokenizer files: its teacher's tokenizer is the one
@@ -149,7 +183,7 @@ def serve(model_dir: str | Path, options: ServeOptions | None = None) -> None:
         level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     torch.set_num_threads(opts.threads or default_threads())
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, opts.device, opts.dtype)
     presets = None
     if opts.presets_file is not None:
         presets = load_presets_file(opts.presets_file, model.config.num_hidden_layers)
@@ -171,11 +205,14 @@ def serve(model_dir: str | Path, options: ServeOptions | None = None) -> None:
         api_key=opts.api_key,
         allow_custom_placement=opts.allow_custom_placement,
         shutdown_timeout=opts.shutdown_timeout,
+        auto=opts.auto_config(),
     )
     engine = app.state.engine
     log.info(
-        "model %s: %d presets (%s); OpenAI API at http://%s:%d/v1",
+        "model %s on %s (%s): %d presets (%s); OpenAI API at http://%s:%d/v1",
         engine.info.name,
+        model.embed_tokens.weight.device,
+        model.embed_tokens.weight.dtype,
         len(engine.info.presets.names),
         engine.info.presets.source,
         opts.host,

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.api.deps import check_api_key, open_request
+from serving.api.deps import check_api_key, get_settings, open_request
 from serving.api.errors import APIError
 from serving.api.logprobs import LogprobFormatter
 from serving.api.params import chat_prompt, sampling_params, speculative_flag
@@ -56,7 +56,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         prompt_logprobs=None,
     )
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    (stream,) = submit(engine, rid, [prompt], resolved, params, speculative_flag(body))
+    (stream,) = submit(engine, rid, [prompt], resolved, params, speculative_flag(body), get_settings(request).auto)
     created = int(time.time())
     if body.stream:
         gen = stream_chat(rid, created, resolved.model_id, len(prompt), body, stream, fmt)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.api.deps import check_api_key, open_request
+from serving.api.deps import check_api_key, get_settings, open_request
 from serving.api.errors import APIError
 from serving.api.logprobs import LogprobFormatter
 from serving.api.params import completion_prompts, sampling_params, speculative_flag
@@ -51,7 +51,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         prompt_logprobs=body.logprobs if body.echo else None,  # prompt scoring only when asked
     )
     rid = f"cmpl-{uuid.uuid4().hex}"
-    streams = submit(engine, rid, prompts, resolved, params, speculative_flag(body))
+    streams = submit(engine, rid, prompts, resolved, params, speculative_flag(body), get_settings(request).auto)
     created = int(time.time())
     if body.stream:
         gen = stream_completion(rid, created, resolved.model_id, prompts, body, streams, fmt)

@@ -11,6 +11,7 @@ from fastapi import Request
 from serving.api.errors import APIError
 from serving.api.logprobs import LogprobFormatter
 from serving.api.params import OpenAIRequest, Resolved, resolve_model
+from serving.auto_preset import AutoPreset
 from serving.metrics import ServingMetrics
 from serving.types import EngineClient
 
@@ -20,6 +21,8 @@ class ServerSettings:
     api_key: str | None = None
     allow_custom_placement: bool = False
     shutdown_timeout: float = 30.0
+    auto: AutoPreset | None = None  # the auto preset (serving.auto_preset), when the presets support it
+    auto_unavailable: str = "the auto preset is not enabled on this server"  # why not, for the 400
 
 
 def get_engine(request: Request) -> EngineClient:
@@ -51,6 +54,8 @@ async def check_api_key(request: Request) -> None:
 def open_request(body: OpenAIRequest, request: Request) -> tuple[EngineClient, Resolved, LogprobFormatter]:
     """What every generation endpoint starts with: the engine, the preset the request runs on (404/400 for a
     bad model id or preset), and the request's logprob formatter."""
-    engine = get_engine(request)
-    resolved = resolve_model(body, engine, get_settings(request).allow_custom_placement)
+    engine, settings = get_engine(request), get_settings(request)
+    resolved = resolve_model(
+        body, engine, settings.allow_custom_placement, settings.auto, settings.auto_unavailable
+    )
     return engine, resolved, LogprobFormatter(engine.tokenizer, body.return_tokens_as_token_ids)

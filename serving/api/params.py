@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.api.errors import APIError
-from serving.presets import PresetError
+from serving.auto_preset import AutoPreset
+from serving.presets import AUTO, PresetError
 from serving.protocol import ChatCompletionRequest, CompletionRequest
 from serving.sampling import SamplingParams
 from serving.types import EngineClient
@@ -25,14 +26,21 @@ class Resolved:
     placement: Placement
 
 
-def resolve_model(body: OpenAIRequest, engine: EngineClient, allow_custom_placement: bool = False) -> Resolved:
+def resolve_model(
+    body: OpenAIRequest,
+    engine: EngineClient,
+    allow_custom_placement: bool = False,
+    auto: AutoPreset | None = None,
+    auto_unavailable: str = "the auto preset is not enabled on this server",
+) -> Resolved:
     """Model id ``<model>`` or ``<model>:<preset>``, or a ``preset`` / ``vllm_xargs.preset`` field; an
-    explicit ``placement`` only when the server allows it."""
+    explicit ``placement`` only when the server allows it. Preset ``auto`` picks one by the load
+    (serving.auto_preset); the response's model id then names the chosen one, ``<model>:<chosen>``."""
     name, presets = engine.info.name, engine.info.presets
     from_id = None
     if body.model != name:
         from_id = body.model[len(name) + 1 :] if body.model.startswith(name + ":") else None
-        if from_id not in presets.presets:
+        if from_id not in presets.presets and from_id != AUTO:  # auto: a 400 below says why when it is off
             raise APIError(
                 404,
                 f"The model `{body.model}` does not exist. Available: "
@@ -68,6 +76,12 @@ def resolve_model(body: OpenAIRequest, engine: EngineClient, allow_custom_placem
                 param="preset",
             )
     chosen = preset or from_id or presets.default
+    if chosen == AUTO:
+        if auto is None:
+            raise APIError(400, f"preset 'auto': {auto_unavailable}", param="preset", code="preset_not_found")
+        choice = auto.choose(rows=body.n)
+        p = presets.get(choice.preset)
+        return Resolved(f"{name}:{p.name}", p.name, p.placement)
     try:
         p = presets.get(chosen)
     except PresetError as err:

@@ -12,6 +12,7 @@ from fastapi import Request
 
 from serving.api.errors import APIError, error_body
 from serving.api.params import Resolved
+from serving.auto_preset import AutoPreset
 from serving.protocol import SpeculativeUsage
 from serving.sampling import SamplingParams, TokenLogprobs
 from serving.types import EngineClient, GenerationRequest, OutputStream, RequestOutput, SpecUsage
@@ -36,15 +37,18 @@ def submit(
     resolved: Resolved,
     params: SamplingParams,
     speculative: bool | None = None,
+    auto: AutoPreset | None = None,
 ) -> list[OutputStream]:
-    """One engine request per prompt (``<rid>-<i>``); if any is refused, the ones admitted are aborted."""
+    """One engine request per prompt (``<rid>-<i>``); if any is refused, the ones admitted are aborted. With
+    the auto preset enabled, every stream counts in its load until it ends."""
     streams: list[OutputStream] = []
     try:
         for i, ids in enumerate(prompts):
             req = GenerationRequest(
                 f"{rid}-{i}", ids, resolved.placement, params, preset=resolved.preset, speculative=speculative
             )
-            streams.append(engine.submit(req))
+            stream = engine.submit(req)
+            streams.append(stream if auto is None else auto.track(stream, resolved.preset, params.n))
     except Exception:
         for s in streams:
             s.abort()
