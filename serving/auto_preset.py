@@ -209,7 +209,8 @@ class AutoPreset:
     def __init__(self, policy: AutoPresetPolicy, registry: Any = None) -> None:
         self.policy = policy
         self.tracker = LoadTracker(policy)
-        self.choices = self.predicted = None
+        self.choices: Any = None
+        self.predicted: Any = None
         if registry is not None:
             from prometheus_client import Counter, Gauge
 

@@ -120,7 +120,9 @@ def sample(
     for i, p in enumerate(params):
         if not p.greedy:
             probs = warped_probs(logits[i], p)
-            tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+            # generators live on the CPU (make_generator) on every device, so a seeded request draws the same
+            # tokens on a GPU as here: the row's probabilities go to the generator, not the other way round
+            tokens[i] = torch.multinomial(probs.to(generators[i].device), 1, generator=generators[i])[0]
     out_lp: list[TokenLogprobs | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from supernet.device import DeviceOpt, DtypeOpt
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -74,23 +76,27 @@ def generate(
     ] = "all-fa",
     max_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep going past the EOS token")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Print a greedy continuation of PROMPT under a placement."""
     from transformers import AutoTokenizer
 
     from supernet.checkpoint import CheckpointError, load_supernet
     from supernet.config import SupernetConfig
+    from supernet.device import DeviceError, resolve
     from supernet.generate import greedy_generate
     from supernet.placement import PlacementError, parse_placement
 
     if max_tokens < 1:
         fail(f"--max-tokens {max_tokens}: must be >= 1")
     try:
+        torch_device, torch_dtype = resolve(device, dtype)
         spec = parse_placement(
             placement, SupernetConfig.load(model).num_hidden_layers
         )  # fail fast, before loading
-        net = load_supernet(model)
-    except (CheckpointError, FileNotFoundError, PlacementError, ValueError) as err:
+        net = load_supernet(model, dtype=torch_dtype, device=torch_device)
+    except (CheckpointError, DeviceError, FileNotFoundError, PlacementError, ValueError) as err:
         fail(str(err))
     tokenizer = AutoTokenizer.from_pretrained(model)
     ids = tokenizer(prompt)["input_ids"]

@@ -11,16 +11,28 @@ fp32) and bfloat16 on CUDA (what GPUs serve in).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Annotated
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+import typer
+
+if TYPE_CHECKING:  # torch is imported in the bodies: the CLI modules import this one and `--help` stays fast
+    import torch
+
+# accepted spelling -> torch attribute
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
+
+# the options every command shares (typer); parse them with ``resolve``
+DeviceOpt = Annotated[str, typer.Option(help="cpu (default), cuda or cuda:N")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="auto (float32 on cpu, bfloat16 on cuda), float32/fp32, bfloat16/bf16, float16/fp16")
+]
 
 
 class DeviceError(ValueError):
@@ -29,6 +41,8 @@ class DeviceError(ValueError):
 
 def parse_device(spec: str) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``; CUDA must be available (a CPU-only torch says so here, not mid-load)."""
+    import torch
+
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError):
@@ -45,10 +59,12 @@ def parse_device(spec: str) -> torch.device:
 
 def parse_dtype(spec: str, device: torch.device) -> torch.dtype:
     """``auto``, ``float32``/``fp32``, ``bfloat16``/``bf16`` or ``float16``/``fp16``."""
+    import torch
+
     if spec == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return DTYPES[spec.lower()]
+        return getattr(torch, DTYPES[spec.lower()])
     except KeyError:
         raise DeviceError(f"--dtype {spec!r}: expected auto, {', '.join(DTYPES)}") from None
 

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from supernet.device import DeviceOpt, DtypeOpt
+
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
@@ -18,6 +20,25 @@ def register(app: typer.Typer) -> None:
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
+
+
+def device_overrides(device: str, dtype: str) -> list[str]:
+    """``--device``/``--dtype`` as config overrides. The trainer keeps weights and optimiser state in fp32 and
+    runs bf16 as autocast (``run.autocast``); it builds its models on the CPU, so a GPU device is refused
+    rather than silently ignored."""
+    import torch
+
+    from supernet.device import DeviceError, parse_device, parse_dtype
+
+    parsed = parse_device(device)
+    if parsed.type != "cpu":
+        raise DeviceError(f"--device {device!r}: training runs on the CPU (torchrun for more processes)")
+    if dtype == "auto":
+        return []
+    autocast = {torch.float32: "none", torch.bfloat16: "bf16"}.get(parse_dtype(dtype, parsed))
+    if autocast is None:
+        raise DeviceError(f"--dtype {dtype!r}: training takes float32 or bfloat16 (as run.autocast)")
+    return [f"run.autocast={autocast}"]
 
 
 def train_command(
@@ -34,16 +55,26 @@ def train_command(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a field, e.g. --set optim.steps=10")
     ] = None,
+    device: Annotated[str, typer.Option(help="cpu (training places the model on the CPU)")] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option(help="auto (the config's run.autocast), float32 (run.autocast=none) or bfloat16 (=bf16)"),
+    ] = "auto",
 ) -> None:
     """Distil a supernet from its frozen teacher (blockwise warm start, then stochastic placements).
 
     Runs on one process as is; under `torchrun --nproc_per_node N -m supernet.cli train CONFIG` it trains
     data-parallel."""
     from supernet.checkpoint import CheckpointError
+    from supernet.device import DeviceError
     from supernet.training.config import load_train_config
     from supernet.training.data import DataError
     from supernet.training.trainer import train
 
+    try:
+        set_ = [*(set_ or []), *device_overrides(device, dtype)]
+    except DeviceError as err:
+        _fail(str(err))
     try:
         cfg = load_train_config(config, set_)
     except (FileNotFoundError, ValueError) as err:
@@ -80,12 +111,15 @@ def eval_command(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="also write the results as JSON here")
     ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Held-out perplexity and KL to the teacher per placement (the teacher pass is shared by all of them)."""
     import torch
     from transformers import AutoTokenizer
 
     from supernet.checkpoint import CheckpointError, load_supernet
+    from supernet.device import DeviceError, resolve
     from supernet.placement import PlacementError
     from supernet.training.data import DataError, tokenize_file
     from supernet.training.evaluate import evaluate_placements, format_table, hf_teacher_fn
@@ -96,7 +130,11 @@ def eval_command(
     from supernet.presets import resolve_placement
 
     try:
-        net = load_supernet(model)
+        torch_device, torch_dtype = resolve(device, dtype)
+    except DeviceError as err:
+        _fail(str(err))
+    try:
+        net = load_supernet(model, dtype=torch_dtype, device=torch_device)
         placement = {p: resolve_placement(p, model) for p in placement}  # preset names -> their placements
         for p in placement.values():
             net.placement(p)
@@ -113,7 +151,7 @@ def eval_command(
             hf, _ = load_teacher(spec)
         except (OSError, ValueError) as err:
             _fail(f"cannot load teacher {spec!r}: {err}")
-        teacher_fn, label = hf_teacher_fn(hf), spec
+        teacher_fn, label = hf_teacher_fn(hf.to(device=torch_device, dtype=torch_dtype)), spec
     scored = evaluate_placements(
         net, ids, list(placement.values()), teacher=teacher_fn, batch_size=batch_size, include_teacher=True
     )
