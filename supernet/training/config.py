@@ -147,9 +147,10 @@ class RunConfig:
     # optimiser state sharded per decoder layer, for models too large to replicate). Same results, same
     # checkpoint format (a run resumes under either); the warm start splits layers over ranks either way.
     parallel: str = "ddp"
-    # "bf16" runs the stochastic stage's forward passes (teacher and student) under CPU/CUDA autocast: matmuls
-    # in bf16 (measured 1.75x faster per step on an AVX512-bf16 CPU), weights, optimiser state and losses in
-    # fp32, and the linear mixers' chunked/recurrent scans always in fp32 (kernels opt out of autocast).
+    # "bf16" runs the training forward passes (teacher and student, warm start and stochastic stage) under
+    # CPU/CUDA autocast: matmuls in bf16 (a stochastic step measured 1.75x faster on an AVX512-bf16 CPU);
+    # weights, optimiser state, the warm start's layer targets, held-out scoring and losses stay fp32, and
+    # the linear mixers' chunked/recurrent scans always run in fp32 (the kernels opt out of autocast).
     autocast: str = "none"
 
 

@@ -238,7 +238,9 @@ class WarmStart:
         steps = min(cfg.steps_per_chunk, cfg.steps - p.steps)
         for _ in range(steps):
             rows = torch.from_numpy(rng.choice(n, size=cfg.batch_size, replace=n < cfg.batch_size))
-            loss = activation_loss(mixer(pairs.ins[layer][rows], attn, self.ctx, None), pairs.outs[layer][rows]).mean()
+            with self.trainer.autocast(pairs.ins[layer].device):
+                y = mixer(pairs.ins[layer][rows], attn, self.ctx, None)
+            loss = activation_loss(y, pairs.outs[layer][rows]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, self.trainer.cfg.optim.grad_clip or float("inf"))
@@ -283,7 +285,8 @@ class WarmStart:
             t0 = time.perf_counter()
             rows = batch_rows(n, self.seed, self.chunk, 0, chunk_rows, 1)
             ids = torch.from_numpy(data[np.sort(rows)]).long()
-            pairs = teacher_pairs(trainer.teacher, ids, trainer.cfg.teacher_cache.batch_size)
+            with trainer.autocast(ids.device):
+                pairs = teacher_pairs(trainer.teacher, ids, trainer.cfg.teacher_cache.batch_size)
             teacher_s = time.perf_counter() - t0
             for layer, name in self.units:
                 key = f"{layer}.{name}"

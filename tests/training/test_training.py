@@ -148,12 +148,14 @@ def test_tiny_run_lowers_every_mixer_loss_and_blockwise_lowers_every_layer(tmp_p
 
 def test_bf16_autocast_trains_fp32_weights_and_lowers_the_loss(tmp_path, tiny_supernet_dir):
     """``run.autocast: bf16``: forward passes in bf16 autocast, yet the trainable weights (and the saved
-    supernet) stay fp32 and the linear mixers' distillation loss still falls."""
+    supernet) stay fp32, the warm start lowers every layer's error and the linear mixers' distillation loss
+    still falls."""
     presets = [{"placement": f"all-{m}", "prob": 0.3} for m in ("gdn", "kda")]
     cfg = TrainConfig.from_dict(
         tiny_config(
             tmp_path,
             tiny_supernet_dir,
+            blockwise={"steps": 8},
             optim={"steps": 20, "lr": 1.0e-3},
             sampling={"presets": presets},
             run={"autocast": "bf16", "save_every": 20},
@@ -169,7 +171,10 @@ def test_bf16_autocast_trains_fp32_weights_and_lowers_the_loss(tmp_path, tiny_su
     after = {p: placement_loss(trainer, p, probe) for p in before}
     for p in before:
         assert after[p] < before[p], (p, before[p], after[p])
-    assert all(np.isfinite(v) for v in losses(tmp_path / "run" / "metrics.jsonl").values())
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert all(np.isfinite(v) for v in losses(metrics).values())
+    warm = [json.loads(x) for x in metrics.read_text().splitlines() if '"phase": "blockwise"' in x]
+    assert warm and all(r["loss_after"] < r["loss_before"] for r in warm)
 
 
 def test_torchrun_two_processes_match_one(tmp_path, tiny_supernet_dir):
