@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from supernet.cache import layer_state_bytes
 from supernet.config import MIXER_NAMES, SupernetConfig
 
 
@@ -125,15 +126,15 @@ def swa_keys(config: SupernetConfig) -> int:
     return config.swa.window + config.swa.sinks
 
 
+_CACHE_DTYPES = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+
+
 def state_bytes(config: SupernetConfig, context: int, cache_dtype_bytes: int) -> dict[str, int]:
-    """Per layer, per sequence: what each mixer keeps at ``context`` tokens."""
-    fa, gdn = config.fa, config.gdn
-    kv = lambda n: 2 * n * fa.num_kv_heads * fa.head_dim * cache_dtype_bytes  # noqa: E731
-    delta = (
-        gdn.num_heads * gdn.head_dim * gdn.head_dim * 4
-        + 3 * gdn.num_heads * gdn.head_dim * (gdn.conv_kernel - 1) * cache_dtype_bytes
-    )
-    return {"fa": kv(context), "swa": kv(min(context, swa_keys(config))), "gdn": delta, "kda": delta}
+    """Per layer, per sequence: what each mixer keeps at ``context`` tokens (``supernet.cache``'s formula)."""
+    if cache_dtype_bytes not in _CACHE_DTYPES:
+        raise ValueError(f"cache element size {cache_dtype_bytes} bytes: expected one of {sorted(_CACHE_DTYPES)}")
+    dtype = _CACHE_DTYPES[cache_dtype_bytes]
+    return {name: layer_state_bytes(config, name, context, dtype) for name in MIXER_NAMES}
 
 
 def analytic_cost_model(

@@ -1,13 +1,15 @@
 """The embedded engine: a scheduler with continuous batching over requests on *different presets*.
 
 Every ``step()``:
-1. admits waiting requests FIFO while their full-length cache fits the memory budget (memory.py) and the
-   batch has room;
+1. admits waiting requests FIFO while the cache blocks they need *now* fit the pool and the batch has room,
+   and gives running sequences the blocks their next tokens need, preempting the youngest request when the
+   pool runs out (scheduler.py, memory.py);
 2. runs ONE decode forward for every running sequence, whatever its preset -- the model groups rows by mixer
    at each layer (supernet.model.DecoderLayer.mix), so presets share the batch with no weight reload, no
    cache wipe and no switching cost;
 3. runs prompt chunks of admitted requests up to ``prefill_chunk`` tokens (chunked prefill: a long prompt is
-   split over several steps so it never stalls the running sequences for more than one chunk);
+   split over several steps so it never stalls the running sequences for more than one chunk), and the
+   recomputation of preempted sequences;
 4. samples, detokenizes, checks stop conditions, and frees the cache of every sequence that ended.
 
 It is synchronous and single-threaded on purpose: async_engine.AsyncEngine drives it from one thread and
@@ -16,20 +18,22 @@ bridges to asyncio; tests and benchmarks drive it directly.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from serving.detokenizer import IncrementalDetokenizer
-from serving.memory import MemoryBudget, state_bytes
+from serving.memory import BLOCK_SIZE
 from serving.runner import ModelRunner
-from serving.sampling import SamplingParams, TokenLogprobs, make_generator, sample, top_logprobs
-from serving.spec_decode import Speculation, SpeculativeDecoder
-from serving.spec_policy import DraftPlan, SpecConfig
+from serving.sampling import TokenLogprobs, make_generator, sample, top_logprobs
+from serving.scheduler import RequestGroup, Scheduler, Sequence
+from serving.spec_decode import SpeculativeDecoder
+from serving.spec_policy import SpecConfig
 from serving.types import (
     EngineError,
     GenerationRequest,
@@ -39,7 +43,6 @@ from serving.types import (
     ServerBusy,
     SpecUsage,
 )
-from supernet.cache import SequenceState
 from supernet.model import SupernetForCausalLM
 
 GiB = 1 << 30
@@ -50,46 +53,13 @@ class EngineConfig:
     max_model_len: int = 8192
     max_num_seqs: int = 32  # sequences decoded together (the batch)
     prefill_chunk: int = 256  # prompt tokens processed per step (chunked prefill)
-    memory_budget: int = 4 * GiB  # bytes of per-sequence cache (KV + recurrent state) admitted at once
+    memory_budget: int = 4 * GiB  # bytes of cache (KV + recurrent state) for every sequence together
+    block_size: int = BLOCK_SIZE  # tokens per cache block (memory.py)
     max_queue: int = 256  # requests waiting for admission before new ones get 429
     speculative: SpecConfig | None = None  # drafts per preset and the k policy (None: no drafts configured)
 
 
-@dataclass
-class Sequence:
-    """One of a request's ``n`` samples."""
-
-    index: int
-    params: SamplingParams
-    generator: torch.Generator
-    detok: IncrementalDetokenizer
-    state: SequenceState | None = None
-    output_ids: list[int] = field(default_factory=list)
-    pending: int | None = None  # last sampled token, the next decode input
-    finish_reason: str | None = None
-    last_token_time: float = 0.0
-    # not yet sent to the client
-    new_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    group: RequestGroup | None = field(default=None, repr=False)
-    spec: Speculation | None = None  # its draft, when the request speculates (serving.spec_decode)
-
-
-@dataclass
-class RequestGroup:
-    request: GenerationRequest
-    seqs: list[Sequence]
-    reserved: int  # bytes of budget held from admission to the end
-    num_prefilled: int = 0
-    admitted: bool = False
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-    sent_prompt_logprobs: bool = False
-    first_token_time: float | None = None
-    draft: DraftPlan | None = None  # the draft preset it speculates with
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs)
+__all__ = ["EngineConfig", "LLMEngine", "Sequence"]
 
 
 class LLMEngine:
@@ -105,22 +75,33 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig(max_model_len=model.config.max_position_embeddings)
         self.metrics = metrics
-        self.budget = MemoryBudget(self.config.memory_budget)
         self.spec = SpeculativeDecoder(self.runner, self.config.speculative or SpecConfig())
+        self.sched = Scheduler(
+            self.runner,
+            self.spec,
+            memory_budget=self.config.memory_budget,
+            max_num_seqs=self.config.max_num_seqs,
+            block_size=self.config.block_size,
+            metrics=metrics,
+        )
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.waiting: deque[RequestGroup] = deque()
-        self.prefilling: deque[RequestGroup] = deque()
-        self.running: list[Sequence] = []
-        self.groups: dict[str, RequestGroup] = {}
+        self._arrivals = itertools.count()
         self._inbox: deque[RequestGroup] = deque()
         self._aborts: set[str] = set()
         self._lock = threading.Lock()  # guards inbox/aborts: the only state other threads touch
 
+    # what the scheduler holds, for callers and tests
+    budget = property(lambda self: self.sched.pool)
+    groups = property(lambda self: self.sched.groups)
+    running = property(lambda self: self.sched.running)
+    waiting = property(lambda self: self.sched.waiting)
+    prefilling = property(lambda self: self.sched.prefilling)
+
     # ---- admission (called from any thread) -------------------------------------------------------------
 
-    def reserve_bytes(self, request: GenerationRequest, draft: DraftPlan | None = None) -> int:
-        """Cache bytes the request holds at its full length (its draft's caches included); raises when it can
-        never run here."""
+    def check(self, group: RequestGroup) -> None:
+        """Raise when the request can never run here (bad parameters, too long, larger than the whole pool)."""
+        request = group.request
         p, n_prompt = request.params, len(request.prompt_ids)
         p.validate()
         if n_prompt == 0:
@@ -134,24 +115,11 @@ class LLMEngine:
             )
         if p.n > self.config.max_num_seqs:
             raise RequestTooLarge(f"n={p.n} exceeds the server's batch size ({self.config.max_num_seqs})")
-        dtype = self.model.embed_tokens.weight.dtype
-        placements = [request.placement] + ([draft.placement] if draft is not None else [])
-        need = p.n * sum(state_bytes(self.model.config, pl, total, dtype) for pl in placements)
-        if need > self.budget.capacity:
-            raise RequestTooLarge(
-                f"this request needs {need / 2**20:.1f} MiB of cache at its full length ({total} tokens "
-                f"x n={p.n} on preset {request.preset!r}) but the server's cache budget is "
-                f"{self.budget.capacity / 2**20:.1f} MiB; lower max_tokens or n, or use a preset with more "
-                "linear (gdn/kda/swa) layers"
-            )
-        return need
+        self.sched.check(group)
 
     def add_request(self, request: GenerationRequest) -> None:
         draft = self.spec.plan_for(request)
-        need = self.reserve_bytes(request, draft)
         p = request.params
-        if not request.arrival:
-            request.arrival = time.monotonic()
         seqs = [
             Sequence(
                 i,
@@ -161,7 +129,10 @@ class LLMEngine:
             )
             for i in range(p.n)
         ]
-        group = RequestGroup(request, seqs, need, draft=draft)
+        group = RequestGroup(request, seqs, draft=draft)
+        self.check(group)
+        if not request.arrival:
+            request.arrival = time.monotonic()
         for seq in seqs:
             seq.group = group
         with self._lock:
@@ -173,6 +144,7 @@ class LLMEngine:
                 raise ServerBusy(
                     f"the server is at capacity ({self.config.max_queue} requests queued); retry later"
                 )
+            group.order = next(self._arrivals)
             self._inbox.append(group)
 
     def abort(self, request_id: str) -> None:
@@ -191,18 +163,23 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs: dict[str, RequestOutput] = {}
         self._take_inbox(outputs)
-        self._admit()
+        self.sched.admit()
+        if self.running:
+            self.sched.make_room()
         if self.running:
             self._decode(outputs)
         if self.prefilling:
             self._prefill(outputs)
         self._reap(outputs)
         if self.metrics is not None:
+            pool = self.budget
             self.metrics.scheduler(
                 self.num_waiting,
                 len(self.running) + len(self.prefilling),
-                self.budget.used,
-                self.budget.capacity,
+                pool.used_blocks,
+                pool.num_blocks,
+                pool.block_bytes,
+                self.sched.peak_batch,
             )
         return list(outputs.values())
 
@@ -249,36 +226,17 @@ class LLMEngine:
                 out.deltas.append(SequenceDelta(seq.index, finish_reason="abort"))
         if group in self.prefilling:
             self.prefilling.remove(group)
-        self.running = [s for s in self.running if s.finish_reason is None]
+        self.sched.running = [s for s in self.running if s.finish_reason is None]
         out.finished = True
         self._release(group, status="abort")
-
-    def _admit(self) -> None:
-        active = len(self.running) + sum(len(g.seqs) for g in self.prefilling)
-        while self.waiting:
-            group = self.waiting[0]
-            if active + len(group.seqs) > self.config.max_num_seqs or not self.budget.try_reserve(
-                group.reserved
-            ):
-                break
-            self.waiting.popleft()
-            group.admitted = True
-            req = group.request
-            group.seqs[0].state = self.runner.new_state(
-                req.placement, len(req.prompt_ids) + req.params.max_tokens
-            )
-            if group.draft is not None:
-                group.seqs[0].spec = self.spec.start(req, group.draft)
-            if req.params.prompt_logprobs is not None:
-                group.prompt_logprobs = [None]
-            self.groups[req.request_id] = group
-            self.prefilling.append(group)
-            active += len(group.seqs)
 
     def _prefill(self, outputs: dict[str, RequestOutput]) -> None:
         budget = self.config.prefill_chunk
         while self.prefilling and budget > 0:
             group = self.prefilling[0]
+            if group.resuming:
+                budget = self._recompute(group, budget)
+                continue
             prompt = group.request.prompt_ids
             start = group.num_prefilled
             chunk = prompt[start : start + budget]
@@ -300,6 +258,24 @@ class LLMEngine:
                 continue
             self.prefilling.popleft()
             self._start_decoding(group, logits[-1:], outputs)
+
+    def _recompute(self, group: RequestGroup, budget: int) -> int:
+        """A preempted group readmitted: prefill each sequence's prompt + output so far (chunked like prompts);
+        when all are done they decode on from their pending tokens (nothing is sampled again)."""
+        for seq in group.live:
+            history = seq.history()
+            if seq.recomputed == len(history) or budget <= 0:
+                continue
+            chunk = history[seq.recomputed : seq.recomputed + budget]
+            self.runner.prefill(seq.state, chunk)
+            if seq.spec is not None:
+                self.spec.prefill(seq.spec, seq.recomputed, chunk)
+            seq.recomputed += len(chunk)
+            budget -= len(chunk)
+        if all(seq.recomputed == len(seq.history()) for seq in group.live):
+            self.prefilling.popleft()
+            self.running.extend(group.live)
+        return budget
 
     def _start_decoding(
         self, group: RequestGroup, last_logits: torch.Tensor, outputs: dict[str, RequestOutput]
@@ -332,13 +308,13 @@ class LLMEngine:
                         self._append(seq.group, seq, token, lp, outputs)
                 if emitted.drafted and self.metrics is not None:
                     self.metrics.speculation(seq.group.request.preset, emitted.drafted, emitted.accepted)
-            self.running = [s for s in seqs if s.finish_reason is None]
+            self.sched.running = [s for s in seqs if s.finish_reason is None]
             return
         logits = self.runner.decode([s.state for s in seqs], [s.pending for s in seqs])
         tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for seq, token, lp in zip(seqs, tokens, lps, strict=True):
             self._append(seq.group, seq, token, lp, outputs)
-        self.running = [s for s in seqs if s.finish_reason is None]
+        self.sched.running = [s for s in seqs if s.finish_reason is None]
 
     def _append(
         self,
@@ -408,9 +384,7 @@ class LLMEngine:
                 continue
             for seq in seq_group.seqs:
                 if seq.finish_reason is not None:
-                    seq.state = None
-                    if seq.spec is not None:
-                        seq.spec.state = None
+                    self.sched.free_seq(seq)
             if seq_group.finished:
                 out = self._output(seq_group, outputs)
                 out.finished = True
@@ -418,11 +392,7 @@ class LLMEngine:
 
     def _release(self, group: RequestGroup, status: str) -> None:
         req = group.request
-        for seq in group.seqs:
-            seq.state = None
-        if group.admitted:
-            self.budget.release(group.reserved)
-            group.admitted = False
+        self.sched.free(group)
         self.groups.pop(req.request_id, None)
         if self.metrics is not None:
             reason = status if status != "ok" else (group.seqs[0].finish_reason or "stop")

@@ -1,10 +1,16 @@
-"""Cache memory accounting for admission control.
+"""Cache memory as a pool of fixed-size blocks, allocated as sequences grow.
 
-A request is admitted when the cache it will hold *at its full length* (prompt + max_tokens, times n) fits in
-what is left of the budget. What that costs depends on the preset: FA layers grow with the sequence, SWA
-layers stop at sinks + window, GDN/KDA layers are a fixed-size state. So the same budget admits many more long
-requests on a linear preset than on all-FA -- admission by bytes, not by a request count, is what lets the
-server say so.
+The unit is one **block**: the keys and values of ``block_size`` tokens of one FA layer (at the serving dtype).
+The server's budget (``--cache-budget-gib``) is ``num_blocks`` of them. A sequence holds
+
+* for each FA layer of its placement, ``ceil(tokens / block_size)`` blocks, where ``tokens`` is the capacity its
+  KV tensors are grown to (``KVCache.reserve``), a block-multiple that follows its length as it decodes;
+* for its SWA/GDN/KDA layers, a fixed number of blocks covering their fixed bytes (rounded up once per
+  sequence), held from admission to the end;
+
+and the same again for its draft's caches when it speculates. So the pool's count is what the caches'
+tensors really take (``SequenceState.allocated_bytes()`` never exceeds it), and a request pays for what it has
+generated, not for its ``max_tokens``. Sizes come from ``supernet.cache.state_bytes`` (the one formula).
 """
 
 from __future__ import annotations
@@ -14,51 +20,78 @@ from collections.abc import Sequence
 
 import torch
 
+from supernet import cache
 from supernet.config import SupernetConfig
+
+BLOCK_SIZE = 16  # tokens per block (vLLM's default block size)
 
 
 def state_bytes(
     config: SupernetConfig, placement: Sequence[str], length: int, dtype: torch.dtype = torch.float32
 ) -> int:
-    """Bytes of one sequence's SequenceState after ``length`` tokens (what SequenceState.nbytes() reports)."""
-    elt = torch.finfo(dtype).bits // 8
-    total = 0
-    for name in placement:
-        if name == "fa":
-            total += 2 * config.fa.num_kv_heads * config.fa.head_dim * length * elt
-        elif name == "swa":
-            total += (
-                2
-                * config.swa.num_kv_heads
-                * config.swa.head_dim
-                * (config.swa.sinks + (config.swa.window or 0))  # an SWA config always has a window
-                * elt
-            )
-        else:
-            d = getattr(config, name)
-            width = d.num_heads * d.head_dim
-            total += 3 * width * (d.conv_kernel - 1) * elt + d.num_heads * d.head_dim * d.head_dim * 4
-    return total
+    """Bytes of one sequence's SequenceState after ``length`` tokens (``supernet.cache.state_bytes``)."""
+    return cache.state_bytes(config, placement, length, dtype)
 
 
-class MemoryBudget:
-    """Bytes reserved by admitted requests against a fixed budget (thread-safe: /metrics reads it)."""
+class CacheLayout:
+    """Blocks a sequence needs, per placement: ``blocks(placement, tokens)``."""
 
-    def __init__(self, capacity: int) -> None:
-        if capacity <= 0:
-            raise ValueError(f"memory budget must be positive, got {capacity} bytes")
-        self.capacity = capacity
-        self.used = 0
+    def __init__(self, config: SupernetConfig, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> None:
+        if block_size < 1:
+            raise ValueError(f"block size must be >= 1 token, got {block_size}")
+        self.config, self.dtype, self.block_size = config, dtype, block_size
+        self.block_bytes = cache.layer_state_bytes(config, "fa", block_size, dtype)
+        self._fixed: dict[tuple[str, ...], tuple[int, int]] = {}
+
+    def shape(self, placement: Sequence[str]) -> tuple[int, int]:
+        """(FA layers, fixed blocks) of a placement."""
+        key = tuple(placement)
+        if key not in self._fixed:
+            fixed = sum(cache.layer_state_bytes(self.config, m, 0, self.dtype) for m in key if m != "fa")
+            self._fixed[key] = (key.count("fa"), -(-fixed // self.block_bytes))
+        return self._fixed[key]
+
+    def round_up(self, tokens: int) -> int:
+        return -(-tokens // self.block_size) * self.block_size
+
+    def blocks(self, placement: Sequence[str], tokens: int) -> int:
+        """Blocks for one sequence whose FA caches hold ``tokens`` positions (a block multiple or not)."""
+        n_fa, fixed = self.shape(placement)
+        return fixed + n_fa * (self.round_up(tokens) // self.block_size)
+
+
+class BlockPool:
+    """Free/used block counts against the budget (thread-safe: /metrics reads it while the engine writes)."""
+
+    def __init__(self, capacity_bytes: int, block_bytes: int) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError(f"memory budget must be positive, got {capacity_bytes} bytes")
+        self.block_bytes = block_bytes
+        self.num_blocks = capacity_bytes // block_bytes
+        self.used_blocks = 0
         self._lock = threading.Lock()
 
-    def try_reserve(self, nbytes: int) -> bool:
+    @property
+    def capacity(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def used(self) -> int:
+        return self.used_blocks * self.block_bytes
+
+    @property
+    def free_blocks(self) -> int:
+        return self.num_blocks - self.used_blocks
+
+    def try_allocate(self, blocks: int, keep_free: int = 0) -> bool:
+        """Take ``blocks`` if at least ``keep_free`` stay free afterwards."""
         with self._lock:
-            if self.used + nbytes > self.capacity:
+            if self.used_blocks + blocks + keep_free > self.num_blocks:
                 return False
-            self.used += nbytes
+            self.used_blocks += blocks
             return True
 
-    def release(self, nbytes: int) -> None:
+    def release(self, blocks: int) -> None:
         with self._lock:
-            self.used -= nbytes
-            assert self.used >= 0, "released more cache than was reserved"
+            self.used_blocks -= blocks
+            assert self.used_blocks >= 0, "released more blocks than were allocated"

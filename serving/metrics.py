@@ -77,10 +77,25 @@ class ServingMetrics:
             "supernet_requests_running", "Sequences admitted (prefilling or decoding)", registry=r
         )
         self.cache_used = Gauge(
-            "supernet_cache_reserved_bytes", "Cache bytes reserved by admitted requests", registry=r
+            "supernet_cache_reserved_bytes", "Cache bytes held by admitted sequences (blocks x block bytes)", registry=r
         )
-        self.cache_budget = Gauge("supernet_cache_budget_bytes", "Cache memory budget", registry=r)
+        self.cache_free = Gauge("supernet_cache_free_bytes", "Cache bytes not held by any sequence", registry=r)
+        self.cache_budget = Gauge("supernet_cache_budget_bytes", "Cache memory budget (whole blocks)", registry=r)
         self.cache_usage = Gauge("supernet_cache_usage_ratio", "Reserved / budget (0..1)", registry=r)
+        self.blocks_used = Gauge("supernet_cache_blocks_used", "Cache blocks held by sequences", registry=r)
+        self.blocks_free = Gauge("supernet_cache_blocks_free", "Cache blocks free", registry=r)
+        self.block_bytes = Gauge(
+            "supernet_cache_block_bytes", "Bytes per cache block (one FA layer's KV for block_size tokens)", registry=r
+        )
+        self.peak_batch = Gauge(
+            "supernet_decode_batch_peak", "Most sequences decoded together in one step since start", registry=r
+        )
+        self.preemptions = Counter(
+            "supernet_preemptions",
+            "Requests preempted when the cache pool ran out (recomputed when readmitted)",
+            ["preset"],
+            registry=r,
+        )
         self._spec_totals: dict[str, list[int]] = {}
         # self-speculative decoding, by target preset (vLLM's spec_decode counters, plus the two ratios)
         self.spec_drafted = Counter(
@@ -130,12 +145,22 @@ class ServingMetrics:
         self.spec_acceptance.labels(preset).set(accepted_total / drafted_total)
         self.spec_tokens_per_step.labels(preset).set((accepted_total + steps) / steps)
 
-    def scheduler(self, waiting: int, running: int, cache_used: int, cache_budget: int) -> None:
+    def preempted(self, preset: str) -> None:
+        self.preemptions.labels(preset).inc()
+
+    def scheduler(
+        self, waiting: int, running: int, blocks_used: int, blocks_total: int, block_bytes: int, peak_batch: int
+    ) -> None:
         self.waiting.set(waiting)
         self.running.set(running)
-        self.cache_used.set(cache_used)
-        self.cache_budget.set(cache_budget)
-        self.cache_usage.set(cache_used / cache_budget if cache_budget else 0.0)
+        self.blocks_used.set(blocks_used)
+        self.blocks_free.set(blocks_total - blocks_used)
+        self.block_bytes.set(block_bytes)
+        self.cache_used.set(blocks_used * block_bytes)
+        self.cache_free.set((blocks_total - blocks_used) * block_bytes)
+        self.cache_budget.set(blocks_total * block_bytes)
+        self.cache_usage.set(blocks_used / blocks_total if blocks_total else 0.0)
+        self.peak_batch.set(peak_batch)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,13 +23,15 @@ class ModelRunner:
         self.model = model.eval()
         self.device = model.embed_tokens.weight.device
 
-    def new_state(self, placement: Placement, max_length: int) -> SequenceState:
-        """A fresh state whose FA caches are sized for the whole request up front (no regrowth copies while
-        decoding; the pages are only touched as tokens are written)."""
+    def new_state(self, placement: Placement, capacity: int = 0) -> SequenceState:
+        """A fresh state whose FA caches have room for exactly ``capacity`` positions: the scheduler gives a
+        sequence cache blocks as it grows and grows these tensors with them (serving.scheduler), so what they
+        allocate is what the block pool counts. Appends beyond it still work (the cache doubles)."""
         state = self.model.new_state(placement)
         for layer in state.layers:
             if isinstance(layer, KVCache):
-                layer.reserve(max_length)
+                shape = (layer.k.shape[0], capacity, layer.k.shape[2])
+                layer.k, layer.v = layer.k.new_empty(shape), layer.v.new_empty(shape)
         return state
 
     @torch.inference_mode()

@@ -152,14 +152,23 @@ class SpeculativeDecoder:
         total = len(request.prompt_ids) + request.params.max_tokens
         model = self.runner.model
         ratio = step_bytes(model, plan.placement, total) / step_bytes(model, request.placement, total)
-        state = self.runner.new_state(plan.placement, total)
+        state = self.runner.new_state(plan.placement)  # FA room comes with the scheduler's blocks
         sp = Speculation(plan.draft, state, ratio, self.k_cap, forced=request.speculative is True)
         sp.usage.draft = plan.draft
-        if set(plan.placement) == {"swa"}:
-            cfg = model.config
-            reach = (cfg.num_hidden_layers + 1) * (cfg.swa.window or 0)  # how far back the last keys depend
-            sp.skip = (cfg.swa.sinks, max(cfg.swa.sinks, len(request.prompt_ids) - reach))
+        sp.skip = self._skip(plan, len(request.prompt_ids))
         return sp
+
+    def restart(self, sp: Speculation, plan: DraftPlan, length: int) -> None:
+        """After a preemption: empty draft caches, to be prefilled with the sequence's first ``length`` tokens
+        again (prompt and output alike; the draft then has nothing left to catch up on)."""
+        sp.state, sp.lag, sp.skip = self.runner.new_state(plan.placement), [], self._skip(plan, length)
+
+    def _skip(self, plan: DraftPlan, length: int) -> tuple[int, int]:
+        if set(plan.placement) != {"swa"}:
+            return (0, 0)
+        cfg = self.runner.model.config
+        reach = (cfg.num_hidden_layers + 1) * (cfg.swa.window or 0)  # how far back the last keys depend
+        return (cfg.swa.sinks, max(cfg.swa.sinks, length - reach))
 
     def prefill(self, sp: Speculation, start: int, chunk: list[int]) -> None:
         """Feed the draft its part of the prompt chunk at positions [start, start + len(chunk)).

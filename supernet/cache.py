@@ -7,6 +7,9 @@ The math lives in the mixers (and kernels/); this module only stores and bounds 
 * ``DeltaState``    GDN/KDA: the short-convolution tail and the fp32 recurrent state; fixed size.
 
 Keys are stored after rotary embedding, so a cached key never needs its position again except for masking.
+
+``layer_state_bytes`` / ``state_bytes`` are the one formula for what these hold (serving admission and the
+placement cost model call them; a test checks them against the tensors really allocated).
 """
 
 from __future__ import annotations
@@ -17,6 +20,33 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from supernet.config import SupernetConfig
+
+
+def layer_state_bytes(config: SupernetConfig, mixer: str, length: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one layer's state holds after ``length`` tokens in cache dtype ``dtype``.
+
+    FA: keys and values of every token. SWA: the ring of sinks + window slots (allocated whole at the start)
+    plus its int64 position per slot. GDN/KDA: the short-convolution tail of q/k/v in ``dtype`` plus the fp32
+    recurrent state, each from its own config section (KDA and GDN may differ)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    if mixer in ("fa", "swa"):
+        a = getattr(config, mixer)
+        slots = length if mixer == "fa" else a.sinks + (a.window or 0)
+        return 2 * a.num_kv_heads * a.head_dim * slots * elt + (8 * slots if mixer == "swa" else 0)
+    if mixer in ("gdn", "kda"):
+        d = getattr(config, mixer)
+        width = d.num_heads * d.head_dim
+        return 3 * width * (d.conv_kernel - 1) * elt + d.num_heads * d.head_dim * d.head_dim * 4
+    raise ValueError(f"unknown mixer {mixer!r}")
+
+
+def state_bytes(
+    config: SupernetConfig, placement: Sequence[str], length: int, dtype: torch.dtype = torch.float32
+) -> int:
+    """Bytes of one sequence's ``SequenceState`` after ``length`` tokens (what ``SequenceState.nbytes()`` says)."""
+    return sum(layer_state_bytes(config, name, length, dtype) for name in placement)
 
 
 @dataclass
@@ -119,7 +149,7 @@ class WindowKVCache:
         return pos
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return 2 * self.k.numel() * self.k.element_size() + self.pos.numel() * self.pos.element_size()
 
     def slots(self, start: int, count: int) -> Tensor:
         """Ring slots that positions ``start .. start + count - 1`` are written to."""
@@ -235,6 +265,15 @@ class SequenceState:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every tensor the layers hold, spare FA capacity included (what memory really holds)."""
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self.layers
+            for f in dataclasses.fields(layer)
+            if isinstance(t := getattr(layer, f.name), Tensor)
+        )
 
     def clone(self) -> SequenceState:
         """An independent copy (tensors copied): forks n samples off one prefill, or snapshots a state before
