@@ -54,6 +54,8 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding. Non-default rope types (llama3, yarn, ...) take their frequencies from
     transformers' own ``ROPE_INIT_FUNCTIONS`` so a converted model rotates exactly like its teacher."""
 
+    inv_freq: Tensor  # a buffer (register_buffer), so declared for the type checker
+
     def __init__(self, head_dim: int, rope_parameters: dict[str, Any], max_positions: int) -> None:
         super().__init__()
         rope_type = rope_parameters.get("rope_type", "default")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,7 @@ from kernels.linear import linear, use_packed
 from supernet.cache import LayerState, SequenceState
 from supernet.config import MIXER_NAMES, SupernetConfig
 from supernet.layers import MLP, AttentionProjections, Linear, RMSNorm, RotaryEmbedding
-from supernet.mixers import MixerContext, build_mixer
+from supernet.mixers import Mixer, MixerContext, build_mixer
 from supernet.placement import ALIASES, Placement, parse_placement
 
 
@@ -100,8 +101,8 @@ class SupernetForCausalLM(nn.Module):
         return SequenceState(
             placement,
             [
-                layer.mixers[name].new_state(dtype, device)
-                for layer, name in zip(self.layers, placement, strict=True)
+                cast(Mixer, layer.mixers[name]).new_state(dtype, device)
+                for layer, name in zip(cast("list[DecoderLayer]", self.layers), placement, strict=True)
             ],
         )
 

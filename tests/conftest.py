@@ -52,24 +52,27 @@ def make_tiny_tokenizer(vocab_size: int = 128):
     return fast
 
 
+# The tiny Llama every test teacher is built from (64 wide, 4 layers, 4 query / 2 KV heads of 16).
+TINY_LLAMA = {
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+
 def tiny_llama_config(**overrides):
-    """The tiny Llama every test teacher is built from (64 wide, 4 layers, 4 query / 2 KV heads of 16); callers
-    override only what their tests vary (vocabulary, head layout, context, tied embeddings)."""
+    """:data:`TINY_LLAMA` as a ``LlamaConfig``; callers override only what their tests vary (vocabulary, head
+    layout, context, tied embeddings)."""
     from transformers import LlamaConfig
 
-    settings = dict(
-        vocab_size=384,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return LlamaConfig(**{**settings, **overrides})
+    return LlamaConfig(**{**TINY_LLAMA, **overrides})
 
 
 def make_tiny_llama(tie: bool = False, seed: int = 0, layers: int = 4, vocab: int = 384, **config):

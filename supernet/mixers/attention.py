@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -90,15 +92,16 @@ class Attention(Mixer):
             k_pos = torch.arange(k_all.shape[1], device=q.device)
             return attend_grouped(q, k_all, v_all, window_mask(positions, k_pos, None, 0))
         assert isinstance(state, WindowKVCache)
+        window = cast(int, self.window)  # only SWA makes a WindowKVCache
         if q.shape[1] == 1:
             # Decode: write the token into its ring slot first, then attend over the ring in place. The slot's
             # previous occupant (position p - window) is exactly the key that just left the window, so the
             # visible set is unchanged -- and no [sinks + window] concatenation is copied per layer per step.
             pos = state.store_one(k, v, int(positions[0]))
-            mask = (state.pos >= 0) & ((pos - state.pos < self.window) | (state.pos < self.sinks))
+            mask = (state.pos >= 0) & ((pos - state.pos < window) | (state.pos < self.sinks))
             return attend_grouped(q, state.k, state.v, mask[None, :])
         k_all, v_all, k_pos = state.gather(k, v, positions)
-        out = attend_grouped(q, k_all, v_all, window_mask(positions, k_pos, self.window, self.sinks))
+        out = attend_grouped(q, k_all, v_all, window_mask(positions, k_pos, window, self.sinks))
         state.store(k, v, positions)
         return out
 
@@ -107,15 +110,16 @@ class Attention(Mixer):
         persistent batch tensors (supernet.cache.batched_rows) and one write + one attention call serve the
         whole batch -- the per-row ``_with_cache`` step, batched. q [B, H, 1, D], k/v [B, Hkv, 1, D]."""
         b, hkv = k.shape[:2]
+        window = cast(int, self.window)  # taken only for SWA
         ring_k, ring_v, ring_pos = batched_rows(self.__dict__.setdefault("_decode_rows", {}), states,
                                                 ("k", "v", "pos"))
-        slot = torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.window)
+        slot = torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % window)
         rows = torch.arange(b, device=q.device)
         ring_k[rows, :, slot] = k[:, :, 0]
         ring_v[rows, :, slot] = v[:, :, 0]
         ring_pos[rows, slot] = pos
         p = pos[:, None]
-        mask = (ring_pos >= 0) & ((p - ring_pos < self.window) | (ring_pos < self.sinks))
+        mask = (ring_pos >= 0) & ((p - ring_pos < window) | (ring_pos < self.sinks))
         qg = q.reshape(b, hkv, -1, self.head_dim)  # query heads of a group stacked: each KV head read once
         out = F.scaled_dot_product_attention(qg, ring_k, ring_v, attn_mask=mask[:, None, None, :])
         return out.reshape(q.shape)

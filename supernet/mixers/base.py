@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +91,8 @@ class MixerProjections(nn.Module):
         v = repeat_heads(v, self.head_dim, self.kv_repeat)
         if self.lora is not None:
             if use_packed(x):  # decode: the three LoRA deltas as one A matrix and one block-diagonal B
-                delta = self.lora_qkv_b(fused_linear(x, self, "lora_a", [self.lora[key].A for key in "qkv"]))
+                loras = cast("dict[str, LoRA]", self.lora)  # the ModuleDict built in __init__
+                delta = self.lora_qkv_b(fused_linear(x, self, "lora_a", [loras[key].A for key in "qkv"]))
                 dq, dk, dv = delta.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
                 return q + dq, k + dk, v + dv
             q, k, v = q + self.lora["q"](x), k + self.lora["k"](x), v + self.lora["v"](x)
@@ -98,12 +100,12 @@ class MixerProjections(nn.Module):
 
     def lora_qkv_b(self, a: Tensor) -> Tensor:
         """The q, k and v LoRA B factors applied to the concatenated A outputs ``a`` [..., 3 * rank] at once."""
-        factors = [self.lora[key].B for key in "qkv"]
+        factors = [cast("dict[str, LoRA]", self.lora)[key].B for key in "qkv"]
         block = derived(self, "lora_b", factors, lambda: torch.block_diag(*factors))
         return F.linear(a, block)
 
     def out(self, o: Tensor, base: AttentionProjections | None) -> Tensor:
         if self.own is not None:
             return self.own.o_proj(o)
-        y = base.o_proj(o)
+        y = cast(AttentionProjections, base).o_proj(o)  # shared-weight mixers always get the teacher's
         return y + self.lora["o"](o) if self.lora is not None else y

@@ -15,6 +15,7 @@ REFERENCE.md measured to transfer better than a slow multi-scale decay.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ class LowRank(nn.Module):
 
 class DeltaMixer(Mixer):
     gate_activation: str
+    gate: LowRank  # built by each subclass
 
     def __init__(
         self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int
@@ -110,12 +112,13 @@ class DeltaMixer(Mixer):
     def forward(
         self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext, states: list[LayerState] | None
     ) -> Tensor:
-        if use_fast_decode(x, states):
-            return decode_step(self, x, base, states)
+        rows = cast("list[DeltaState] | None", states)  # new_state gives a delta mixer DeltaStates
+        if rows is not None and use_fast_decode(x, rows):
+            return decode_step(self, x, base, rows)
         b, t, _ = x.shape
         qkv = raw = torch.cat(self.proj.qkv(x, base), dim=-1)
-        conv_state = None if states is None else torch.stack([s.conv for s in states])
-        rec_state = None if states is None else torch.stack([s.recurrent for s in states])
+        conv_state = None if rows is None else torch.stack([s.conv for s in rows])
+        rec_state = None if rows is None else torch.stack([s.recurrent for s in rows])
         if conv_state is not None and t == 1:
             qkv, conv_state = causal_conv1d_update(qkv, conv_state, self.conv_weight, activation="silu")
         else:
@@ -124,21 +127,22 @@ class DeltaMixer(Mixer):
                 self.conv_weight,
                 activation="silu",
                 initial_state=conv_state,
-                output_final_state=states is not None,
+                output_final_state=rows is not None,
             )
         q, k, v = (z.view(b, t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
         q, k = l2_norm(q), l2_norm(k)
         beta = torch.sigmoid(self.b_proj(x))
-        if states is not None and any(s.history is not None for s in states):
-            o, rec_state = self._recorded(raw, q, k, v, self.decay(x), beta, rec_state, states)
+        if rows is not None and any(s.history is not None for s in rows):
+            o, rec_state = self._recorded(raw, q, k, v, self.decay(x), beta, rec_state, rows)
         else:
-            rule = self.rule(chunked=states is None or t > 1)
+            rule = self.rule(chunked=rows is None or t > 1)
             o, rec_state = rule(
-                q, k, v, self.decay(x), beta, initial_state=rec_state, output_final_state=states is not None
+                q, k, v, self.decay(x), beta, initial_state=rec_state, output_final_state=rows is not None
             )
-        if states is not None:
-            for i, state in enumerate(states):
-                state.conv, state.recurrent = conv_state[i], rec_state[i]
+        if rows is not None:  # then both final states were asked for, so neither is None
+            conv_final, rec_final = cast(Tensor, conv_state), cast(Tensor, rec_state)
+            for i, state in enumerate(rows):
+                state.conv, state.recurrent = conv_final[i], rec_final[i]
         gate = self.gate(x).view(b, t, self.num_heads, self.head_dim)
         o = gated_rms_norm(o, gate, self.norm_weight, self.eps, activation=self.gate_activation)
         return self.proj.out(o.reshape(b, t, -1), base)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tests.conftest import make_tiny_llama
+
 HEADS, KEY_HEADS, DIM, HIDDEN = 2, 1, 32, 64
 
 
@@ -95,20 +97,10 @@ def apriel2_weights(llama, pattern: bool = False) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=384, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=HEADS,
-        num_key_value_heads=1, head_dim=DIM, max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=0,
-        eos_token_id=0, rope_theta=10000.0,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    return model
+    return make_tiny_llama(
+        layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=1, head_dim=DIM,
+        rms_norm_eps=1e-6,
+    )
 
 
 def write_apriel2(path, llama, pattern=False):
