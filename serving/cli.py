@@ -35,12 +35,14 @@ def serve(
     max_model_len: Annotated[
         int | None, typer.Option(help="context limit (prompt + completion) (default: the model's)")
     ] = None,
-    max_num_seqs: Annotated[int, typer.Option(help="sequences decoded together")] = 32,
+    max_num_seqs: Annotated[
+        int, typer.Option(help="most sequences decoded together (vLLM's default; the cache budget binds first)")
+    ] = 256,
     prefill_chunk: Annotated[int, typer.Option(help="prompt tokens processed per engine step")] = 256,
     cache_budget_gib: Annotated[
         float,
         typer.Option(
-            help="memory for per-request caches; admission reserves each request's full-length cache"
+            help="memory for per-request caches (KV blocks allocated as sequences grow; docs/serving.md)"
         ),
     ] = 4.0,
     max_queue: Annotated[int, typer.Option(help="requests waiting for admission before 429")] = 256,

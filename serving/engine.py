@@ -51,7 +51,7 @@ GiB = 1 << 30
 @dataclass
 class EngineConfig:
     max_model_len: int = 8192
-    max_num_seqs: int = 32  # sequences decoded together (the batch)
+    max_num_seqs: int = 256  # most sequences decoded together (the cache budget usually binds first)
     prefill_chunk: int = 256  # prompt tokens processed per step (chunked prefill)
     memory_budget: int = 4 * GiB  # bytes of cache (KV + recurrent state) for every sequence together
     block_size: int = BLOCK_SIZE  # tokens per cache block (memory.py)

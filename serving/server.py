@@ -34,7 +34,7 @@ class ServeOptions:
     allow_custom_placement: bool = False
     presets_file: Path | None = None
     max_model_len: int | None = None
-    max_num_seqs: int = 32
+    max_num_seqs: int = 256
     prefill_chunk: int = 256
     cache_budget_gib: float = 4.0
     max_queue: int = 256
