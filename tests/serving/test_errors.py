@@ -224,9 +224,13 @@ def test_too_much_load_gets_429_then_recovers(small_server):
     engine = small_server.engine
     with cf.ThreadPoolExecutor(3) as pool:
         # The two requests must overlap; on a fast idle machine one can finish before the other is admitted, so
-        # that race is retried (a few times) rather than failed.
+        # that race is retried (a few times) rather than failed. The second is sent only once the first has
+        # left the queue: with max_queue=1, two sent at once race the engine loop for the one queue slot (a
+        # loaded machine loses that race and answers the second with 429).
         for _ in range(5):
-            running = [pool.submit(lambda: client.completions.create(**kw)) for _ in range(2)]  # max_num_seqs=2
+            first = pool.submit(lambda: client.completions.create(**kw))
+            wait_until(lambda first=first: len(engine.groups) >= 1 or first.done(), "the first request admitted")
+            running = [first, pool.submit(lambda: client.completions.create(**kw))]  # max_num_seqs=2
             overlap: list[bool] = []
 
             def settled(overlap=overlap, running=running) -> bool:
