@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -76,10 +78,10 @@ def serve(
     from serving.auto_preset import AutoPresetError
     from serving.presets import PresetError
     from serving.server import ServeError, ServeOptions
-    from serving.server import serve as run
+    from serving.server import serve as serve_embedded
     from supernet.device import DeviceError, resolve
 
-    def fail(message: str) -> None:
+    def fail(message: str) -> NoReturn:
         typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
 
@@ -125,6 +127,7 @@ def serve(
         fail(str(err))
     if backend not in ("embedded", "vllm"):
         fail(f"--backend {backend!r}: expected 'embedded' or 'vllm'")
+    run: Callable[[Path | str, ServeOptions], None] = serve_embedded
     if backend == "vllm":
         try:
             from serving.vllm.client import VllmSettings
@@ -132,10 +135,7 @@ def serve(
         except ImportError as err:
             fail(f"--backend vllm needs vLLM installed (pip install '.[vllm]'): {err}")
         settings = VllmSettings(tensor_parallel_size=tensor_parallel_size, dtype=dtype)
-
-        def run(model_dir, options):  # noqa: F811 - the vLLM backend's serve
-            serve_vllm(model_dir, options, settings)
-
+        run = functools.partial(serve_vllm, settings=settings)
     try:
         run(model if model is not None else supernet.DEMO_DIR, options)
     except (ServeError, PresetError) as err:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -43,6 +43,7 @@ from serving.types import (
     ServerBusy,
     SpecUsage,
 )
+from supernet.cache import SequenceState
 from supernet.model import SupernetForCausalLM
 
 GiB = 1 << 30
@@ -267,7 +268,7 @@ class LLMEngine:
             if seq.recomputed == len(history) or budget <= 0:
                 continue
             chunk = history[seq.recomputed : seq.recomputed + budget]
-            self.runner.prefill(seq.state, chunk)
+            self.runner.prefill(cast(SequenceState, seq.state), chunk)  # readmission gave it a state
             if seq.spec is not None:
                 self.spec.prefill(seq.spec, seq.recomputed, chunk)
             seq.recomputed += len(chunk)
@@ -283,7 +284,7 @@ class LLMEngine:
         """The prompt is cached: fork it for the other n-1 samples; draw every sample's first token."""
         seqs = group.seqs
         for seq in seqs[1:]:
-            seq.state = seqs[0].state.clone()
+            seq.state = cast(SequenceState, seqs[0].state).clone()  # the prefilled one
             seq.spec = seqs[0].spec.fork() if seqs[0].spec else None
         out = self._output(group, outputs)
         if group.request.params.max_tokens == 0:  # echo-only scoring request

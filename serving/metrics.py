@@ -33,88 +33,68 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300
 class ServingMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter(
-            "supernet_requests",
-            "Finished requests by preset and finish reason",
-            ["preset", "finish_reason"],
-            registry=r,
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, ["preset"], buckets=buckets, registry=r)
+
+        self.requests = counter(
+            "supernet_requests", "Finished requests by preset and finish reason", "preset", "finish_reason"
         )
-        self.rejected = Counter(
-            "supernet_requests_rejected",
-            "Requests refused before admission, by HTTP status",
-            ["status"],
-            registry=r,
+        self.rejected = counter(
+            "supernet_requests_rejected", "Requests refused before admission, by HTTP status", "status"
         )
-        self.prompt_tokens = Counter(
-            "supernet_prompt_tokens", "Prompt tokens processed", ["preset"], registry=r
+        self.prompt_tokens = counter("supernet_prompt_tokens", "Prompt tokens processed", "preset")
+        self.generation_tokens = counter("supernet_generation_tokens", "Tokens generated", "preset")
+        self.ttft = histogram(
+            "supernet_time_to_first_token_seconds", "Arrival to first generated token", LATENCY_BUCKETS
         )
-        self.generation_tokens = Counter(
-            "supernet_generation_tokens", "Tokens generated", ["preset"], registry=r
+        self.itl = histogram(
+            "supernet_inter_token_latency_seconds", "Time between consecutive tokens of a sequence", LATENCY_BUCKETS
         )
-        self.ttft = Histogram(
-            "supernet_time_to_first_token_seconds",
-            "Arrival to first generated token",
-            ["preset"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.e2e = histogram("supernet_e2e_request_latency_seconds", "Arrival to last token", E2E_BUCKETS)
+        self.waiting = gauge("supernet_requests_waiting", "Requests queued for admission")
+        self.running = gauge("supernet_requests_running", "Sequences admitted (prefilling or decoding)")
+        self.cache_used = gauge(
+            "supernet_cache_reserved_bytes", "Cache bytes held by admitted sequences (blocks x block bytes)"
         )
-        self.itl = Histogram(
-            "supernet_inter_token_latency_seconds",
-            "Time between consecutive tokens of a sequence",
-            ["preset"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.cache_free = gauge("supernet_cache_free_bytes", "Cache bytes not held by any sequence")
+        self.cache_budget = gauge("supernet_cache_budget_bytes", "Cache memory budget (whole blocks)")
+        self.cache_usage = gauge("supernet_cache_usage_ratio", "Reserved / budget (0..1)")
+        self.blocks_used = gauge("supernet_cache_blocks_used", "Cache blocks held by sequences")
+        self.blocks_free = gauge("supernet_cache_blocks_free", "Cache blocks free")
+        self.block_bytes = gauge(
+            "supernet_cache_block_bytes", "Bytes per cache block (one FA layer's KV for block_size tokens)"
         )
-        self.e2e = Histogram(
-            "supernet_e2e_request_latency_seconds",
-            "Arrival to last token",
-            ["preset"],
-            buckets=E2E_BUCKETS,
-            registry=r,
+        self.peak_batch = gauge(
+            "supernet_decode_batch_peak", "Most sequences decoded together in one step since start"
         )
-        self.waiting = Gauge("supernet_requests_waiting", "Requests queued for admission", registry=r)
-        self.running = Gauge(
-            "supernet_requests_running", "Sequences admitted (prefilling or decoding)", registry=r
-        )
-        self.cache_used = Gauge(
-            "supernet_cache_reserved_bytes", "Cache bytes held by admitted sequences (blocks x block bytes)", registry=r
-        )
-        self.cache_free = Gauge("supernet_cache_free_bytes", "Cache bytes not held by any sequence", registry=r)
-        self.cache_budget = Gauge("supernet_cache_budget_bytes", "Cache memory budget (whole blocks)", registry=r)
-        self.cache_usage = Gauge("supernet_cache_usage_ratio", "Reserved / budget (0..1)", registry=r)
-        self.blocks_used = Gauge("supernet_cache_blocks_used", "Cache blocks held by sequences", registry=r)
-        self.blocks_free = Gauge("supernet_cache_blocks_free", "Cache blocks free", registry=r)
-        self.block_bytes = Gauge(
-            "supernet_cache_block_bytes", "Bytes per cache block (one FA layer's KV for block_size tokens)", registry=r
-        )
-        self.peak_batch = Gauge(
-            "supernet_decode_batch_peak", "Most sequences decoded together in one step since start", registry=r
-        )
-        self.preemptions = Counter(
+        self.preemptions = counter(
             "supernet_preemptions",
             "Requests preempted when the cache pool ran out (recomputed when readmitted)",
-            ["preset"],
-            registry=r,
+            "preset",
         )
         self._spec_totals: dict[str, list[int]] = {}
         # self-speculative decoding, by target preset (vLLM's spec_decode counters, plus the two ratios)
-        self.spec_drafted = Counter(
-            "supernet_spec_decode_draft_tokens", "Tokens drafted", ["preset"], registry=r
+        self.spec_drafted = counter("supernet_spec_decode_draft_tokens", "Tokens drafted", "preset")
+        self.spec_accepted = counter(
+            "supernet_spec_decode_accepted_tokens", "Drafted tokens the target accepted", "preset"
         )
-        self.spec_accepted = Counter(
-            "supernet_spec_decode_accepted_tokens", "Drafted tokens the target accepted", ["preset"], registry=r
+        self.spec_steps = counter(
+            "supernet_spec_decode_verify_steps", "Target forwards that verified a draft", "preset"
         )
-        self.spec_steps = Counter(
-            "supernet_spec_decode_verify_steps", "Target forwards that verified a draft", ["preset"], registry=r
+        self.spec_acceptance = gauge(
+            "supernet_spec_decode_acceptance_rate", "Accepted / drafted tokens since start", "preset"
         )
-        self.spec_acceptance = Gauge(
-            "supernet_spec_decode_acceptance_rate", "Accepted / drafted tokens since start", ["preset"], registry=r
-        )
-        self.spec_tokens_per_step = Gauge(
+        self.spec_tokens_per_step = gauge(
             "supernet_spec_decode_tokens_per_verify_step",
             "Tokens emitted per verify step since start (accepted drafts + the target's own token)",
-            ["preset"],
-            registry=r,
+            "preset",
         )
 
     # hooks called by serving.engine.LLMEngine

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
+
 from serving.api import ServerSettings, create_app
 from serving.async_engine import AsyncEngine
 from serving.auto_preset import AutoConfig, AutoPreset, AutoPresetError, AutoPresetPolicy
@@ -84,26 +86,6 @@ def check_model_dir(model_dir: str | Path) -> None:
     raise ServeError(f"{path}: no supernet checkpoint here; {hint}")
 
 
-def build_engine(
-    model: Any,
-    tokenizer: Any,
-    *,
-    model_dir: str | Path | None = None,
-    served_model_name: str | None = None,
-    presets: PresetTable | None = None,
-    engine_config: EngineConfig | None = None,
-    metrics: ServingMetrics | None = None,
-) -> AsyncEngine:
-    num_layers = model.config.num_hidden_layers
-    presets = presets or load_presets(model_dir, num_layers)
-    config = engine_config or EngineConfig(max_model_len=model.config.max_position_embeddings)
-    if config.speculative is None:  # drafts per preset for self-speculative decoding (serving.spec_policy)
-        config.speculative = spec_config_from_presets(model, presets, config.max_model_len)
-    name = served_model_name or (default_model_name(model_dir) if model_dir is not None else "supernet")
-    info = ModelInfo(name=name, max_model_len=config.max_model_len, presets=presets, num_layers=num_layers)
-    return AsyncEngine(LLMEngine(model, tokenizer, config, metrics=metrics), info)
-
-
 def make_auto(presets: PresetTable, config: AutoConfig | None, registry: Any) -> tuple[AutoPreset | None, str]:
     """The auto preset, or None and why not. Asked for explicitly (``config`` given), a preset table that cannot
     support it is a ServeError; otherwise auto is simply not offered when the presets lack quality and speed."""
@@ -127,21 +109,21 @@ def build_app(
     allow_custom_placement: bool = False,
     shutdown_timeout: float = 30.0,
     auto: AutoConfig | None = None,
-):
-    """A ready FastAPI app (the engine thread starts with the app's lifespan). ``auto``: the auto preset's
-    settings (serving.auto_preset); None offers it with the defaults when the presets carry quality and
-    speed."""
+) -> FastAPI:
+    """A ready FastAPI app over the embedded engine (its thread starts with the app's lifespan). ``presets``:
+    None reads MODEL_DIR/presets.yaml, else the built-in set; ``engine_config`` without drafts gets them from
+    the presets (serving.spec_policy). ``auto``: the auto preset's settings (serving.auto_preset); None offers
+    it with the defaults when the presets carry quality and speed."""
+    num_layers = model.config.num_hidden_layers
+    presets = presets or load_presets(model_dir, num_layers)
+    config = engine_config or EngineConfig(max_model_len=model.config.max_position_embeddings)
+    if config.speculative is None:  # drafts per preset for self-speculative decoding (serving.spec_policy)
+        config.speculative = spec_config_from_presets(model, presets, config.max_model_len)
+    name = served_model_name or (default_model_name(model_dir) if model_dir is not None else "supernet")
+    info = ModelInfo(name=name, max_model_len=config.max_model_len, presets=presets, num_layers=num_layers)
     metrics = ServingMetrics()
-    engine = build_engine(
-        model,
-        tokenizer,
-        model_dir=model_dir,
-        served_model_name=served_model_name,
-        presets=presets,
-        engine_config=engine_config,
-        metrics=metrics,
-    )
-    auto_preset, why_not = make_auto(engine.info.presets, auto, metrics.registry)
+    engine = AsyncEngine(LLMEngine(model, tokenizer, config, metrics=metrics), info)
+    auto_preset, why_not = make_auto(presets, auto, metrics.registry)
     settings = ServerSettings(
         api_key=api_key,
         allow_custom_placement=allow_custom_placement,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 import typer
@@ -40,7 +40,7 @@ class Apriel2Error(ValueError):
 def _layer_mixers(decoder: dict[str, Any]) -> list[dict[str, tuple[str, dict]]]:
     """Per layer: our mixer name -> (Apriel2 weight prefix under the block's mixer, mixer config); the block's
     main mixer (``main_mixer_name``, else its only or first one) comes first."""
-    kind, n = decoder.get("type", "fixed"), decoder.get("num_blocks")
+    kind, n = decoder.get("type", "fixed"), cast(int, decoder.get("num_blocks"))  # Apriel2 always sets it
     if kind == "fixed":
         blocks = [decoder["block"]] * n
     elif kind == "pattern":

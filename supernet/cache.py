@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -209,13 +210,13 @@ class DeltaState:
 
     def record(self, inputs: Tensor, states: list[Tensor]) -> None:
         """Called by the mixer after a recorded forward: raw conv inputs [T, C], the state after each token."""
-        h = self.history
+        h = cast(DeltaHistory, self.history)  # only called while a window is open (open_history)
         h.inputs = torch.cat((h.inputs, inputs))
         h.states.extend(states)
 
     def rollback(self, keep: int) -> None:
         """Back to the state after the first ``keep`` tokens since ``open_history`` (the window stays open)."""
-        h = self.history
+        h = cast(DeltaHistory, self.history)  # only called while a window is open (open_history)
         if not 0 <= keep <= len(h.states):
             raise ValueError(f"cannot keep {keep} of {len(h.states)} recorded positions")
         # the conv state is the last W - 1 raw inputs: the checkpoint's, shifted by the kept tokens

@@ -7,7 +7,7 @@ another engine (vLLM) can sit behind it unchanged.
 - ``app``: ``create_app`` (lifespan, auth, /health, /metrics) and the router list
 - ``errors``: OpenAI-shaped errors (``{"error": {"message", "type", "param", "code"}}``) and their handlers
 - ``params``: request -> preset, prompt token ids and ``SamplingParams`` (plain functions tests call)
-- ``streams``: engine submission, collection of non-streaming results, SSE framing
+- ``streams``: engine submission, usage, collection of non-streaming results, SSE framing
 - ``logprobs``: log-probability blocks in the completions and chat shapes
 - ``completions``, ``chat``, ``models``: one module per endpoint
 """

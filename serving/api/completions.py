@@ -3,20 +3,17 @@ prompt log-probabilities (what log-likelihood evaluation harnesses send), stream
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from serving.api.deps import check_api_key, get_settings, open_request
+from serving.api import streams
+from serving.api.deps import check_api_key, open_request
 from serving.api.errors import APIError
 from serving.api.logprobs import LogprobFormatter
-from serving.api.params import completion_prompts, sampling_params, speculative_flag
-from serving.api.streams import SSE_DONE, SpecTally, collect, merge, sse, sse_error, submit
+from serving.api.params import completion_prompts, sampling_params
 from serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
-from serving.types import OutputStream
 
 router = APIRouter(dependencies=[Depends(check_api_key)])
 
@@ -43,27 +40,16 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise APIError(400, "best_of must equal n (server-side candidate selection is not supported)", param="best_of")
     max_tokens = completion_max_tokens(body)
     prompts = completion_prompts(body.prompt, tokenizer)
-    params = sampling_params(
-        body,
-        max_tokens,
-        len(tokenizer),
-        logprobs=body.logprobs,
-        prompt_logprobs=body.logprobs if body.echo else None,  # prompt scoring only when asked
-    )
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    streams = submit(engine, rid, prompts, resolved, params, speculative_flag(body), get_settings(request).auto)
-    created = int(time.time())
+    scored = body.logprobs if body.echo else None  # prompt scoring only when asked
+    params = sampling_params(body, max_tokens, len(tokenizer), logprobs=body.logprobs, prompt_logprobs=scored)
+    sub = streams.submit(request, body, "cmpl", prompts, resolved, params)
     if body.stream:
-        gen = stream_completion(rid, created, resolved.model_id, prompts, body, streams, fmt)
-        return StreamingResponse(gen, media_type="text/event-stream")
-    tally = SpecTally()
-    results = await collect(request, streams, tally)
-    choices, usage = [], Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        return streams.sse_response(stream_completion(sub, prompts, body, fmt))
+    results = await streams.collect(request, sub)
+    choices: list[CompletionChoice] = []
     for i, (prompt, (prompt_lps, seqs)) in enumerate(zip(prompts, results, strict=True)):
-        usage.prompt_tokens += len(prompt)
         prefix_text = tokenizer.decode(prompt) if body.echo else ""
         for seq_index, ch in enumerate(seqs):
-            usage.completion_tokens += len(ch.token_ids)
             lp = None
             if body.logprobs is not None:
                 lp = fmt.completion(
@@ -81,40 +67,28 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                     finish_reason=ch.finish_reason,
                 )
             )
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-    usage.speculative = tally.usage()
-    return JSONResponse(
-        CompletionResponse(id=rid, created=created, model=resolved.model_id, choices=choices, usage=usage).model_dump()
+    response = CompletionResponse(
+        id=sub.id, created=sub.created, model=sub.model, choices=choices, usage=sub.tally.usage()
     )
+    return JSONResponse(response.model_dump())
 
 
 async def stream_completion(
-    rid: str,
-    created: int,
-    model_id: str,
-    prompts: list[list[int]],
-    body: CompletionRequest,
-    streams: list[OutputStream],
-    fmt: LogprobFormatter,
+    sub: streams.Submission, prompts: list[list[int]], body: CompletionRequest, fmt: LogprobFormatter
 ) -> AsyncIterator[str]:
     n = body.n
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion_tokens = 0
     offsets: dict[int, int] = {}
     echoed: set[int] = set()
-    tally = SpecTally()
 
-    def chunk(choices: list[CompletionChoice]) -> str:
-        return sse(
-            CompletionResponse(id=rid, created=created, model=model_id, choices=choices).model_dump(exclude={"usage"})
-        )
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        c = CompletionResponse(id=sub.id, created=sub.created, model=sub.model, choices=choices, usage=usage)
+        return streams.sse(c.model_dump(exclude=None if usage else {"usage"}))
 
     try:
-        async for i, out in merge(streams):
+        async for i, out in streams.outputs(sub):
             if out.error:
-                yield sse_error(out.error)
+                yield streams.sse_error(out.error)
                 return
-            tally.see(out)
             choices = []
             if body.echo and i not in echoed:  # the prompt once per choice, before its first tokens
                 echoed.add(i)
@@ -128,10 +102,7 @@ async def stream_completion(
                 # a chunk of its own: one choice index per chunk, as clients reassemble them
                 yield chunk(choices)
                 choices = []
-            for d in out.deltas:
-                completion_tokens += len(d.token_ids)
-                if not (d.text or d.token_ids or d.finish_reason):
-                    continue
+            for d in streams.changed(out):
                 index = i * n + d.index
                 lp = None
                 if body.logprobs is not None:
@@ -140,15 +111,8 @@ async def stream_completion(
                 choices.append(CompletionChoice(index=index, text=d.text, logprobs=lp, finish_reason=d.finish_reason))
             if choices:
                 yield chunk(choices)
-        if body.stream_options and body.stream_options.include_usage:
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-                speculative=tally.usage(),
-            )
-            yield sse(CompletionResponse(id=rid, created=created, model=model_id, choices=[], usage=usage).model_dump())
-        yield SSE_DONE
+        if streams.include_usage(body):
+            yield chunk([], sub.tally.usage())
+        yield streams.SSE_DONE
     finally:  # client gone (generator cancelled) or done: make sure the engine frees everything
-        for s in streams:
-            s.abort()
+        sub.abort()

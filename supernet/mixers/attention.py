@@ -45,19 +45,10 @@ class Attention(Mixer):
     def __init__(
         self, name: str, config: SupernetConfig, acfg: AttentionConfig, *, own: bool, lora_rank: int
     ) -> None:
-        super().__init__()
-        self.name = name
+        super().__init__(name)
         self.num_heads, self.num_kv_heads, self.head_dim = acfg.num_heads, acfg.num_kv_heads, acfg.head_dim
         self.window, self.sinks = acfg.window, acfg.sinks
-        self.proj = MixerProjections(
-            config.hidden_size,
-            acfg.num_heads,
-            acfg.num_kv_heads,
-            acfg.head_dim,
-            acfg.bias,
-            own=own,
-            lora_rank=lora_rank,
-        )
+        self.proj = MixerProjections.of(config.hidden_size, acfg, own=own, lora_rank=lora_rank)
 
     def forward(
         self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext, states: list[LayerState] | None

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from kernels.linear import derived, fused_linear, use_packed
 from supernet.cache import LayerState
+from supernet.config import AttentionConfig
 from supernet.layers import AttentionProjections, LoRA, repeat_heads
 
 
@@ -35,6 +36,10 @@ class Mixer(nn.Module):
     """
 
     name: str
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
 
     def forward(
         self, x: Tensor, base: AttentionProjections | None, ctx: MixerContext, states: list[LayerState] | None
@@ -81,6 +86,22 @@ class MixerProjections(nn.Module):
                     "o": LoRA(q_dim, hidden, lora_rank),
                 }
             )
+
+    @classmethod
+    def of(
+        cls, hidden: int, heads: AttentionConfig, *, own: bool, lora_rank: int, kv_repeat: int = 1
+    ) -> MixerProjections:
+        """Projections shaped like the attention ``heads`` (a mixer's own section, or FA's for delta mixers)."""
+        return cls(
+            hidden,
+            heads.num_heads,
+            heads.num_kv_heads,
+            heads.head_dim,
+            heads.bias,
+            own=own,
+            lora_rank=lora_rank,
+            kv_repeat=kv_repeat,
+        )
 
     def qkv(self, x: Tensor, base: AttentionProjections | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.own is not None:

@@ -60,14 +60,16 @@ class LowRank(nn.Module):
 
 
 class DeltaMixer(Mixer):
+    """GDN and KDA: everything but the decay (``build_decay``, ``decay_downs``, ``decay_from``), the kernels
+    (``rule``) and the output gate's activation and neutral bias."""
+
     gate_activation: str
-    gate: LowRank  # built by each subclass
+    gate_bias: float  # the output gate's initial bias: ~1 after ``gate_activation``
 
     def __init__(
         self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int
     ) -> None:
-        super().__init__()
-        self.name = name
+        super().__init__(name)
         fa = config.fa
         if dcfg.num_heads != fa.num_heads or dcfg.head_dim != fa.head_dim:
             raise ValueError(
@@ -76,15 +78,8 @@ class DeltaMixer(Mixer):
             )
         self.num_heads, self.head_dim, self.eps = dcfg.num_heads, dcfg.head_dim, dcfg.norm_eps
         width = dcfg.num_heads * dcfg.head_dim
-        self.proj = MixerProjections(
-            config.hidden_size,
-            fa.num_heads,
-            fa.num_kv_heads,
-            fa.head_dim,
-            fa.bias,
-            own=own,
-            lora_rank=lora_rank,
-            kv_repeat=fa.num_heads // fa.num_kv_heads,
+        self.proj = MixerProjections.of(
+            config.hidden_size, fa, own=own, lora_rank=lora_rank, kv_repeat=fa.num_heads // fa.num_kv_heads
         )
         self.conv_weight = nn.Parameter(torch.zeros(3 * width, dcfg.conv_kernel))
         with torch.no_grad():
@@ -94,10 +89,18 @@ class DeltaMixer(Mixer):
         nn.init.zeros_(self.b_proj.bias)
         self.A_log = nn.Parameter(torch.full((dcfg.num_heads,), math.log(FAST_DECAY)))
         self.norm_weight = nn.Parameter(torch.ones(dcfg.head_dim))
+        self.build_decay(config.hidden_size, dcfg)
+        self.gate = LowRank(config.hidden_size, dcfg.gate_rank, width, self.gate_bias)
+
+    def build_decay(self, hidden: int, dcfg: DeltaConfig) -> None:
+        """The decay's own parameters (built before the output gate, so parameter order and init draws are
+        the same in every checkpoint)."""
+        raise NotImplementedError
 
     def decay(self, x: Tensor) -> Tensor:
         """Log-decay g <= 0: [B, T, H] for GDN, [B, T, H, K] for KDA; ``decay_from`` of the ``decay_downs``."""
-        raise NotImplementedError
+        (down,) = self.decay_downs()
+        return self.decay_from(down(x))
 
     def decay_downs(self) -> list[nn.Linear]:
         """The projections of x that ``decay_from`` starts from (fused with others on the decode path)."""
@@ -173,19 +176,12 @@ class DeltaMixer(Mixer):
 
 
 class GatedDeltaNet(DeltaMixer):
-    gate_activation = "silu"
+    gate_activation, gate_bias = "silu", SILU_ONE
 
-    def __init__(
-        self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int
-    ) -> None:
-        super().__init__(name, config, dcfg, own=own, lora_rank=lora_rank)
-        self.a_proj = Linear(config.hidden_size, dcfg.num_heads, bias=False)
+    def build_decay(self, hidden: int, dcfg: DeltaConfig) -> None:
+        self.a_proj = Linear(hidden, dcfg.num_heads, bias=False)
         nn.init.zeros_(self.a_proj.weight)
         self.dt_bias = nn.Parameter(torch.zeros(dcfg.num_heads))
-        self.gate = LowRank(config.hidden_size, dcfg.gate_rank, dcfg.num_heads * dcfg.head_dim, SILU_ONE)
-
-    def decay(self, x: Tensor) -> Tensor:
-        return self.decay_from(self.a_proj(x))
 
     def decay_downs(self) -> list[nn.Linear]:
         return [self.a_proj]
@@ -198,19 +194,12 @@ class GatedDeltaNet(DeltaMixer):
 
 
 class KimiDeltaAttention(DeltaMixer):
-    gate_activation = "sigmoid"
+    gate_activation, gate_bias = "sigmoid", SIGMOID_NEUTRAL
 
-    def __init__(
-        self, name: str, config: SupernetConfig, dcfg: DeltaConfig, *, own: bool, lora_rank: int
-    ) -> None:
-        super().__init__(name, config, dcfg, own=own, lora_rank=lora_rank)
+    def build_decay(self, hidden: int, dcfg: DeltaConfig) -> None:
         width = dcfg.num_heads * dcfg.head_dim
-        self.f_proj = LowRank(config.hidden_size, dcfg.gate_rank, width, None)
+        self.f_proj = LowRank(hidden, dcfg.gate_rank, width, None)
         self.dt_bias = nn.Parameter(torch.zeros(width))
-        self.gate = LowRank(config.hidden_size, dcfg.gate_rank, width, SIGMOID_NEUTRAL)
-
-    def decay(self, x: Tensor) -> Tensor:
-        return self.decay_from(self.f_proj.down(x))
 
     def decay_downs(self) -> list[nn.Linear]:
         return [self.f_proj.down]
