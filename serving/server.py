@@ -123,14 +123,8 @@ def build_app(
     info = ModelInfo(name=name, max_model_len=config.max_model_len, presets=presets, num_layers=num_layers)
     metrics = ServingMetrics()
     engine = AsyncEngine(LLMEngine(model, tokenizer, config, metrics=metrics), info)
-    auto_preset, why_not = make_auto(presets, auto, metrics.registry)
-    settings = ServerSettings(
-        api_key=api_key,
-        allow_custom_placement=allow_custom_placement,
-        shutdown_timeout=shutdown_timeout,
-        auto=auto_preset,
-        auto_unavailable=why_not,
-    )
+    settings = ServerSettings(api_key, allow_custom_placement, shutdown_timeout)  # its first three fields
+    settings.auto, settings.auto_unavailable = make_auto(presets, auto, metrics.registry)
     return create_app(engine, settings, metrics)
 
 
