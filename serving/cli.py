@@ -18,9 +18,7 @@ def serve(
     model: Annotated[
         Path | None, typer.Option(help="supernet checkpoint directory (default: the demo, supernet/demo)")
     ] = None,
-    host: Annotated[
-        str, typer.Option(help="interface to bind (0.0.0.0 to listen on every interface)")
-    ] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="interface to bind (0.0.0.0 to listen on every interface)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     served_model_name: Annotated[
         str | None, typer.Option(help="model id clients send (default: the checkpoint directory's name)")
@@ -51,9 +49,7 @@ def serve(
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads for the engine (default: cores - 1, at least 1)")
     ] = None,
-    shutdown_timeout: Annotated[
-        float, typer.Option(help="seconds Ctrl-C waits for in-flight requests")
-    ] = 30.0,
+    shutdown_timeout: Annotated[float, typer.Option(help="seconds Ctrl-C waits for in-flight requests")] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
     backend: Annotated[
         str, typer.Option(help="'embedded' (this package's engine) or 'vllm' (vLLM's engine, docs/vllm.md)")
