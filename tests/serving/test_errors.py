@@ -164,7 +164,9 @@ def test_disconnect_mid_stream_cancels_and_frees_cache(server, client):
 
 def test_disconnect_while_waiting_for_a_non_streaming_answer(server, client):
     engine = server.engine
-    payload = {"model": "tiny:all-kda", "prompt": PROMPT, "max_tokens": 230, "ignore_eos": True}
+    # n=4 x 230 tokens: several times the 0.3 s read timeout even on a fast idle machine (one sample alone can
+    # finish inside it, and then there is nothing left to abort).
+    payload = {"model": "tiny:all-kda", "prompt": PROMPT, "max_tokens": 230, "n": 4, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(server.url + "/v1/completions", json=payload, timeout=httpx.Timeout(30, read=0.3))
     deadline = time.monotonic() + 10
