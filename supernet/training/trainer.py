@@ -329,14 +329,13 @@ class Trainer:
                     placements[d.rank * micro : (d.rank + 1) * micro],
                 )
                 ids = torch.from_numpy(self.data.train[rows]).long().to(device)
-                with self.autocast(device):
-                    targets = source.get(rows, ids)
                 sync = m == cfg.optim.grad_accum - 1 or d.world == 1
                 if self.fsdp is not None:
                     self.model.set_requires_gradient_sync(sync)
                 ctx = nullcontext() if sync or self.fsdp is not None else step_module.no_sync()
                 with ctx:
-                    with self.autocast(device):
+                    with self.autocast(device):  # forward only: backward replays the recorded precisions
+                        targets = source.get(rows, ids)
                         loss, s, act = step_module(ids, placements, targets)
                     (loss / cfg.optim.grad_accum).backward()
                 stats += s.cpu() / cfg.optim.grad_accum
