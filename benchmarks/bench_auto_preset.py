@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+import serve_client
 from openai import AsyncOpenAI
 
 PROMPTS = [
@@ -87,24 +87,10 @@ def check_floor(steps: list[dict], model_dir: Path, floor: float | None) -> list
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    url = f"http://127.0.0.1:{args.port}"
-    cmd = [sys.executable, "-m", "supernet.cli", "serve", "--model", str(args.model), "--port", str(args.port)]
-    cmd += ["--log-level", "warning", "--latency-target-ms", str(args.latency_target_ms)]
+    flags = ["--log-level", "warning", "--latency-target-ms", str(args.latency_target_ms)]
     if args.min_quality is not None:
-        cmd += ["--min-quality", str(args.min_quality)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start within 300 s")
+        flags += ["--min-quality", str(args.min_quality)]
+    return serve_client.start_server(args.model, args.port, *flags)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import time
 
 import httpx
 from openai import AsyncOpenAI
+from serve_client import percentile, read_chat_stream
 
 
 def metric(text: str, name: str) -> float:
@@ -26,14 +27,8 @@ def metric(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))] if values else float("nan")
-
-
 async def chat(client: AsyncOpenAI, model: str, i: int, args) -> dict:
     t0 = time.monotonic()
-    ttft, finish, tokens = None, None, 0
     stream = await client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": f"{args.prompt} (#{i})"}],
@@ -43,13 +38,7 @@ async def chat(client: AsyncOpenAI, model: str, i: int, args) -> dict:
         stream=True,
         stream_options={"include_usage": True},
     )
-    async for chunk in stream:
-        if chunk.choices:
-            if ttft is None and chunk.choices[0].delta.content:
-                ttft = time.monotonic() - t0
-            finish = chunk.choices[0].finish_reason or finish
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
+    ttft, finish, tokens = await read_chat_stream(stream, t0)
     return {"latency": time.monotonic() - t0, "ttft": ttft, "finish": finish, "tokens": tokens}
 
 

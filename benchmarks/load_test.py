@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import httpx
+import serve_client
 from openai import AsyncOpenAI
+from serve_client import percentile, read_chat_stream
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -33,13 +35,6 @@ PROMPTS = [
 ]
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
-
-
 async def client_loop(
     client: AsyncOpenAI, models: list[str], worker: int, deadline: float, args, stats: dict
 ) -> None:
@@ -49,7 +44,6 @@ async def client_loop(
         i += 1
         stats["started"] += 1
         t0 = time.monotonic()
-        ttft, tokens, finish = None, 0, None
         try:
             stream = await client.chat.completions.create(
                 model=model,
@@ -60,13 +54,7 @@ async def client_loop(
                 stream=True,
                 stream_options={"include_usage": True},
             )
-            async for chunk in stream:
-                if chunk.choices:
-                    if ttft is None and chunk.choices[0].delta.content:
-                        ttft = time.monotonic() - t0
-                    finish = chunk.choices[0].finish_reason or finish
-                if chunk.usage is not None:
-                    tokens = chunk.usage.completion_tokens
+            ttft, finish, tokens = await read_chat_stream(stream, t0)
         except Exception as err:  # counted, reported, never hidden
             stats["errors"].append(f"{type(err).__name__}: {err}"[:200])
             continue
@@ -135,37 +123,10 @@ async def run(url: str, args) -> dict:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = args.port
-    cmd = [
-        sys.executable,
-        "-m",
-        "supernet.cli",
-        "serve",
-        "--model",
-        str(args.model),
-        "--port",
-        str(port),
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--log-level",
-        "warning",
-    ]
+    flags = ["--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start within 300 s")
+        flags += ["--threads", str(args.threads)]
+    return serve_client.start_server(args.model, args.port, *flags)
 
 
 def main() -> None:
