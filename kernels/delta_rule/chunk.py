@@ -81,6 +81,7 @@ def _intra_gdn(q: Tensor, k: Tensor, gc: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @functools.cache
+@torch.inference_mode(False)  # cached: an inference tensor made under inference_mode would break autograd later
 def _kda_assembly(C: int, device: torch.device) -> Tensor:
     """Gather index that assembles :func:`_intra_kda`'s pieces into ``[2 (q|k), C, C]`` (slot 0 = zero).
 

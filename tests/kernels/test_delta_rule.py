@@ -110,6 +110,18 @@ def test_chunk_gradients_match_naive(rule: str) -> None:
             assert max_err(got[n], ref[n]) <= 1e-4 * max(1.0, scale), (fn.__name__, n)
 
 
+def test_training_after_inference_mode_with_the_same_chunk_size() -> None:
+    """Serving or evaluation under ``torch.inference_mode`` first, then training in the same process (a run
+    that evaluates between steps): tensors cached by the first call must still be usable by autograd."""
+    x = delta_inputs("kda", B=1, T=40, H=2, K=8, V=6, seed=17)
+    with torch.inference_mode():
+        chunk_kda(**x, chunk_size=24)  # 24: a size no other test caches first
+    leaves = {n: x[n].clone().requires_grad_(True) for n in ("q", "k", "v")}
+    o, _ = chunk_kda(**{**x, **leaves}, chunk_size=24)
+    o.sum().backward()
+    assert all(leaf.grad is not None and torch.isfinite(leaf.grad).all() for leaf in leaves.values())
+
+
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("lens", [[5, 64, 1, 0, 130, 17], [60, 64, 50]], ids=["uneven", "similar"])
