@@ -16,10 +16,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 MODEL_TYPE = "hybrid_supernet"
-MIXER_NAMES: tuple[str, ...] = ("fa", "swa", "gdn", "kda")
+MixerName = Literal["fa", "swa", "gdn", "kda"]  # for pydantic schemas (training config, presets.yaml)
+MIXER_NAMES: tuple[str, ...] = get_args(MixerName)
 MIXER_WEIGHT_MODES = ("lora", "full")
 
 

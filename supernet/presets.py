@@ -25,10 +25,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from supernet.atomic import atomic_write
+from supernet.config import MixerName
+from supernet.validation import describe
 
 PRESETS_FILE = "presets.yaml"
-
-MixerName = Literal["fa", "swa", "gdn", "kda"]
 
 
 class PresetsFileError(ValueError):
@@ -130,11 +130,7 @@ def read_presets(path: str | Path) -> PresetsFile:
     try:
         return PresetsFile.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors()
-        )
-        raise PresetsFileError(f"{path}: {problems}") from None
+        raise PresetsFileError(f"{path}: {describe(err, PresetsFile)}") from None
 
 
 def write_presets(path: str | Path, document: PresetsFile, header: str = "") -> Path:

@@ -220,7 +220,7 @@ class PackedData:
 def _fingerprint(cfg: DataConfig, tokenizer) -> str:
     h = hashlib.sha256(
         json.dumps(
-            {**cfg.__dict__, "vocab": len(tokenizer), "tok": type(tokenizer).__name__},
+            {**cfg.model_dump(), "vocab": len(tokenizer), "tok": type(tokenizer).__name__},
             sort_keys=True,
             default=str,
         ).encode()

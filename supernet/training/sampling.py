@@ -22,7 +22,7 @@ class PlacementSampler:
         self.weights = [float(cfg.weights.get(m, 0.0)) for m in self.mixers]
         if cfg.strategy == "weighted" and (sum(self.weights) <= 0 or min(self.weights) < 0):
             raise ValueError(f"sampling.weights {cfg.weights}: need non-negative weights with a positive sum")
-        self.presets = [(parse_placement(p["placement"], num_layers), float(p["prob"])) for p in cfg.presets]
+        self.presets = [(parse_placement(p.placement, num_layers), p.prob) for p in cfg.presets]
 
     def rng(self, step: int) -> random.Random:
         return random.Random(f"placement:{self.seed}:{step}")

@@ -249,7 +249,7 @@ class Trainer:
 
     def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.AdamW:
         o = self.cfg.optim
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
 
     # ------------------------------------------------------------------ stage 1
 

@@ -193,7 +193,7 @@ class WarmStart:
                 self.best[key] = best
 
     def new_optimizer(self, layer: int, name: str, lr: float) -> torch.optim.AdamW:
-        betas = tuple(self.trainer.cfg.optim.betas)
+        betas = self.trainer.cfg.optim.betas
         return torch.optim.AdamW(list(self.params(layer, name).values()), lr=lr, betas=betas, weight_decay=0.0)
 
     # ------------------------------------------------------------------ the loop

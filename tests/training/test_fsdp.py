@@ -123,9 +123,3 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path, tiny_supernet_dir):
         torch.testing.assert_close(final3[name], final2[name], rtol=1e-6, atol=1e-7)
     assert losses(resumed / "metrics.jsonl")[STEPS] == pytest.approx(l2[STEPS], rel=1e-6)
 
-
-def test_parallel_mode_is_validated(tmp_path, tiny_supernet_dir):
-    cfg = tiny_config(tmp_path, tiny_supernet_dir)
-    cfg["run"]["parallel"] = "fsdp"
-    with pytest.raises(ValueError, match="run.parallel='fsdp'; expected ddp or fsdp2"):
-        TrainConfig.from_dict(cfg)
