@@ -46,6 +46,13 @@ def serve(
         ),
     ] = 4.0,
     max_queue: Annotated[int, typer.Option(help="requests waiting for admission before 429")] = 256,
+    enable_prefix_caching: Annotated[
+        bool,
+        typer.Option(
+            "--enable-prefix-caching/--no-enable-prefix-caching",
+            help="reuse cached prompt prefixes per preset (vLLM's flag and default; docs/serving.md)",
+        ),
+    ] = True,
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads for the engine (default: cores - 1, at least 1)")
     ] = None,
@@ -107,6 +114,7 @@ def serve(
         prefill_chunk=prefill_chunk,
         cache_budget_gib=cache_budget_gib,
         max_queue=max_queue,
+        enable_prefix_caching=enable_prefix_caching,
         threads=threads,
         shutdown_timeout=shutdown_timeout,
         log_level=log_level.lower(),

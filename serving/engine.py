@@ -9,7 +9,8 @@ Every ``step()``:
    cache wipe and no switching cost;
 3. runs prompt chunks of admitted requests up to ``prefill_chunk`` tokens (chunked prefill: a long prompt is
    split over several steps so it never stalls the running sequences for more than one chunk), and the
-   recomputation of preempted sequences;
+   recomputation of preempted sequences; with prefix caching on (the default, as in vLLM V1) a prompt starts
+   from its longest cached prefix on its preset and its chunks stop where the cache snapshots (prefix_cache.py);
 4. samples, detokenizes, checks stop conditions, and frees the cache of every sequence that ended.
 
 It is synchronous and single-threaded on purpose: async_engine.AsyncEngine drives it from one thread and
@@ -29,6 +30,7 @@ import torch
 
 from serving.detokenizer import IncrementalDetokenizer
 from serving.memory import BLOCK_SIZE
+from serving.prefix_cache import DEFAULT_INTERVAL
 from serving.runner import ModelRunner
 from serving.sampling import TokenLogprobs, make_generator, sample, top_logprobs
 from serving.scheduler import RequestGroup, Scheduler, Sequence
@@ -58,6 +60,8 @@ class EngineConfig:
     block_size: int = BLOCK_SIZE  # tokens per cache block (memory.py)
     max_queue: int = 256  # requests waiting for admission before new ones get 429
     speculative: SpecConfig | None = None  # drafts per preset and the k policy (None: no drafts configured)
+    enable_prefix_caching: bool = True  # reuse cached prompt prefixes per preset (serving.prefix_cache)
+    prefix_cache_interval: int = DEFAULT_INTERVAL  # tokens between snapshots of SWA/GDN/KDA states
 
 
 __all__ = ["EngineConfig", "LLMEngine", "Sequence"]
@@ -84,6 +88,8 @@ class LLMEngine:
             max_num_seqs=self.config.max_num_seqs,
             block_size=self.config.block_size,
             metrics=metrics,
+            prefix_caching=self.config.enable_prefix_caching,
+            prefix_interval=self.config.prefix_cache_interval,
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         self._arrivals = itertools.count()
@@ -181,6 +187,7 @@ class LLMEngine:
                 pool.num_blocks,
                 pool.block_bytes,
                 self.sched.peak_batch,
+                pool.cached_blocks,
             )
         return list(outputs.values())
 
@@ -240,13 +247,14 @@ class LLMEngine:
                 continue
             prompt = group.request.prompt_ids
             start = group.num_prefilled
-            chunk = prompt[start : start + budget]
+            chunk = prompt[start : self.sched.chunk_end(group, start, start + budget)]
             want_lp = group.prompt_logprobs is not None
             logits = self.runner.prefill(group.seqs[0].state, chunk, all_logits=want_lp)
             if group.seqs[0].spec is not None:  # the draft's own caches take the prompt too
                 self.spec.prefill(group.seqs[0].spec, start, chunk)
             group.num_prefilled += len(chunk)
             budget -= len(chunk)
+            self.sched.prefilled(group)
             if want_lp:
                 targets = prompt[
                     start + 1 : start + len(chunk) + 1
@@ -362,7 +370,8 @@ class LLMEngine:
         rid = group.request.request_id
         out = outputs.get(rid)
         if out is None:
-            out = outputs[rid] = RequestOutput(rid, [], prompt_tokens=len(group.request.prompt_ids))
+            n_prompt, cached = len(group.request.prompt_ids), group.cached_tokens
+            out = outputs[rid] = RequestOutput(rid, [], prompt_tokens=n_prompt, cached_tokens=cached)
         if (
             group.prompt_logprobs is not None
             and not group.sent_prompt_logprobs

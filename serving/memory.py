@@ -11,12 +11,17 @@ The server's budget (``--cache-budget-gib``) is ``num_blocks`` of them. A sequen
 and the same again for its draft's caches when it speculates. So the pool's count is what the caches'
 tensors really take (``SequenceState.allocated_bytes()`` never exceeds it), and a request pays for what it has
 generated, not for its ``max_tokens``. Sizes come from ``supernet.cache.state_bytes`` (the one formula).
+
+The prefix cache (serving.prefix_cache) charges its entries to the same pool (``try_cache``), but its blocks are
+*evictable*: a sequence that needs blocks gets them by evicting cached entries first (``reclaim``), so
+``used_blocks`` (held by sequences) is what the scheduler and the metrics count, and cached blocks count as free,
+as in vLLM, where cached blocks that no request references sit in the free queue.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -68,7 +73,9 @@ class BlockPool:
             raise ValueError(f"memory budget must be positive, got {capacity_bytes} bytes")
         self.block_bytes = block_bytes
         self.num_blocks = capacity_bytes // block_bytes
-        self.used_blocks = 0
+        self.used_blocks = 0  # held by sequences
+        self.cached_blocks = 0  # held by prefix-cache entries (evictable)
+        self.reclaim: Callable[[int], None] | None = None  # evicts cached entries worth >= n blocks
         self._lock = threading.Lock()
 
     @property
@@ -81,15 +88,35 @@ class BlockPool:
 
     @property
     def free_blocks(self) -> int:
+        """Blocks no sequence holds (cached prefixes included: they are evicted on demand)."""
         return self.num_blocks - self.used_blocks
 
     def try_allocate(self, blocks: int, keep_free: int = 0) -> bool:
-        """Take ``blocks`` if at least ``keep_free`` stay free afterwards."""
+        """Take ``blocks`` for a sequence if at least ``keep_free`` stay free afterwards, evicting cached prefixes
+        when that makes them fit (and only then: a request that must wait keeps the cache warm)."""
+        return self._take(blocks, keep_free, cached=False)
+
+    def try_cache(self, blocks: int) -> bool:
+        """Take ``blocks`` for a prefix-cache entry, evicting older entries when needed."""
+        return self._take(blocks, 0, cached=True)
+
+    def _take(self, blocks: int, keep_free: int, cached: bool) -> bool:
+        short = self.used_blocks + self.cached_blocks + blocks + keep_free - self.num_blocks
+        if 0 < short <= self.cached_blocks and self.reclaim is not None:
+            self.reclaim(short)
         with self._lock:
-            if self.used_blocks + blocks + keep_free > self.num_blocks:
+            if self.used_blocks + self.cached_blocks + blocks + keep_free > self.num_blocks:
                 return False
-            self.used_blocks += blocks
+            if cached:
+                self.cached_blocks += blocks
+            else:
+                self.used_blocks += blocks
             return True
+
+    def uncache(self, blocks: int) -> None:
+        with self._lock:
+            self.cached_blocks -= blocks
+            assert self.cached_blocks >= 0, "released more cached blocks than were taken"
 
     def release(self, blocks: int) -> None:
         with self._lock:

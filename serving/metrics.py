@@ -79,6 +79,16 @@ class ServingMetrics:
             "Requests preempted when the cache pool ran out (recomputed when readmitted)",
             "preset",
         )
+        # automatic prefix caching, vLLM's counters (in tokens): hits / queries is the hit rate
+        self.prefix_queries = counter(
+            "supernet_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "preset"
+        )
+        self.prefix_hits = counter(
+            "supernet_prefix_cache_hits", "Prompt tokens served from the prefix cache (not prefilled)", "preset"
+        )
+        self.prefix_blocks = gauge(
+            "supernet_prefix_cache_blocks", "Cache blocks held by prefix-cache entries (counted free: evictable)"
+        )
         self._spec_totals: dict[str, list[int]] = {}
         # self-speculative decoding, by target preset (vLLM's spec_decode counters, plus the two ratios)
         self.spec_drafted = counter("supernet_spec_decode_draft_tokens", "Tokens drafted", "preset")
@@ -125,11 +135,22 @@ class ServingMetrics:
         self.spec_acceptance.labels(preset).set(accepted_total / drafted_total)
         self.spec_tokens_per_step.labels(preset).set((accepted_total + steps) / steps)
 
+    def prefix_cache(self, preset: str, queried: int, hit: int) -> None:
+        self.prefix_queries.labels(preset).inc(queried)
+        self.prefix_hits.labels(preset).inc(hit)
+
     def preempted(self, preset: str) -> None:
         self.preemptions.labels(preset).inc()
 
     def scheduler(
-        self, waiting: int, running: int, blocks_used: int, blocks_total: int, block_bytes: int, peak_batch: int
+        self,
+        waiting: int,
+        running: int,
+        blocks_used: int,
+        blocks_total: int,
+        block_bytes: int,
+        peak_batch: int,
+        prefix_blocks: int = 0,
     ) -> None:
         self.waiting.set(waiting)
         self.running.set(running)
@@ -141,6 +162,7 @@ class ServingMetrics:
         self.cache_budget.set(blocks_total * block_bytes)
         self.cache_usage.set(blocks_used / blocks_total if blocks_total else 0.0)
         self.peak_batch.set(peak_batch)
+        self.prefix_blocks.set(prefix_blocks)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

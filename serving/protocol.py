@@ -110,10 +110,15 @@ class SpeculativeUsage(BaseModel):
     tokens_per_verify_step: float  # tokens emitted per target forward that verified a draft
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's field)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     speculative: SpeculativeUsage | None = Field(default=None, exclude_if=lambda v: v is None)
 
 

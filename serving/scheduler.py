@@ -16,6 +16,9 @@
   produces the same tokens as if it had never been preempted. The oldest request is never preempted for a
   younger one, and any request fits the pool alone at its full length (else it is refused up front), so every
   request completes.
+* **Prefix caching** (serving.prefix_cache, when enabled): a request admitted fresh starts from the longest cached
+  prefix of its prompt on its preset, and its prefill records what later requests can reuse. Cached entries
+  live in free blocks of the same pool and are evicted before anyone is preempted.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from serving.detokenizer import IncrementalDetokenizer
 from serving.memory import BlockPool, CacheLayout
+from serving.prefix_cache import DEFAULT_INTERVAL, PrefixCache, Recording
 from serving.runner import ModelRunner
 from serving.sampling import SamplingParams, TokenLogprobs
 from serving.spec_decode import Speculation, SpeculativeDecoder
@@ -75,6 +79,8 @@ class RequestGroup:
     sent_prompt_logprobs: bool = False
     first_token_time: float | None = None
     draft: DraftPlan | None = None  # the draft preset it speculates with
+    cached_tokens: int = 0  # prompt tokens that came from the prefix cache (usage.prompt_tokens_details)
+    recording: Recording | None = None  # what its prefill stores in the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -100,12 +106,15 @@ class Scheduler:
         max_num_seqs: int,
         block_size: int,
         metrics: Any = None,
+        prefix_caching: bool = False,
+        prefix_interval: int = DEFAULT_INTERVAL,
     ) -> None:
         model = runner.model
         self.runner, self.spec, self.max_num_seqs, self.metrics = runner, spec, max_num_seqs, metrics
         self.layout = CacheLayout(model.config, model.embed_tokens.weight.dtype, block_size)
         self.pool = BlockPool(memory_budget, self.layout.block_bytes)
         self.watermark = max(1, self.pool.num_blocks // 100)
+        self.prefix = PrefixCache(self.pool, self.layout, prefix_interval) if prefix_caching else None
         self.waiting: deque[RequestGroup] = deque()
         self.prefilling: deque[RequestGroup] = deque()
         self.running: list[Sequence] = []
@@ -177,6 +186,29 @@ class Scheduler:
                 _reserve(first.spec.state, first.tokens)
             if req.params.prompt_logprobs is not None:
                 group.prompt_logprobs = [None]
+            elif self.prefix is not None and group.draft is None:
+                self._start_from_cache(group)
+
+    # ---- prefix caching ---------------------------------------------------------------------------------
+
+    def _start_from_cache(self, group: RequestGroup) -> None:
+        req, prefix = group.request, cast(PrefixCache, self.prefix)
+        state = cast(SequenceState, group.seqs[0].state)
+        hit, group.recording = prefix.start(req.preset, req.placement, req.prompt_ids, state)
+        group.num_prefilled = group.cached_tokens = hit
+        if self.metrics is not None:
+            self.metrics.prefix_cache(req.preset, len(req.prompt_ids), hit)
+
+    def chunk_end(self, group: RequestGroup, start: int, end: int) -> int:
+        """Where the prompt chunk ``[start, end)`` ends: sooner when the prefix cache snapshots before ``end``."""
+        return end if group.recording is None else PrefixCache.chunk_end(group.recording, start, end)
+
+    def prefilled(self, group: RequestGroup) -> None:
+        """After each prompt chunk (the prefix cache snapshots or stores what the prefill has reached)."""
+        rec, state = group.recording, group.seqs[0].state
+        if rec is not None and self.prefix is not None and state is not None:
+            if self.prefix.after_chunk(rec, state, group.num_prefilled == len(group.request.prompt_ids)):
+                group.recording = None
 
     def _headroom(self, group: RequestGroup) -> int:
         """Blocks that must stay free after admitting ``group``: the watermark; for a preempted request also one
@@ -243,6 +275,9 @@ class Scheduler:
         for seq in group.seqs:
             self.free_seq(seq)
         group.admitted = False
+        if group.recording is not None and self.prefix is not None:
+            self.prefix.discard(group.recording)
+            group.recording = None
 
 
 def _group(seq: Sequence) -> RequestGroup:

@@ -40,6 +40,7 @@ class ServeOptions:
     prefill_chunk: int = 256
     cache_budget_gib: float = 4.0
     max_queue: int = 256
+    enable_prefix_caching: bool = True  # serving.prefix_cache
     threads: int | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
@@ -170,6 +171,7 @@ def serve(model_dir: str | Path, options: ServeOptions | None = None) -> None:
         prefill_chunk=opts.prefill_chunk,
         memory_budget=int(opts.cache_budget_gib * GiB),
         max_queue=opts.max_queue,
+        enable_prefix_caching=opts.enable_prefix_caching,
     )
     app = build_app(
         model,

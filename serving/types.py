@@ -93,6 +93,7 @@ class RequestOutput:
     deltas: list[SequenceDelta]
     finished: bool = False
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.prompt_tokens_details)
     completion_tokens: int = 0  # so far, over all sequences
     # echo: one entry per prompt token (None for the first, which has no context), sent with the first output
     prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from serving.api.deps import get_engine, get_settings
 from serving.api.errors import APIError, error_body
 from serving.api.params import OpenAIRequest, Resolved, speculative_flag
-from serving.protocol import SpeculativeUsage, Usage
+from serving.protocol import PromptTokensDetails, SpeculativeUsage, Usage
 from serving.sampling import SamplingParams, TokenLogprobs
 from serving.types import GenerationRequest, OutputStream, RequestOutput, SequenceDelta, SpecUsage
 
@@ -40,9 +40,11 @@ class UsageTally:
     def __init__(self, prompt_tokens: int) -> None:
         self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
         self.latest: dict[str, SpecUsage] = {}  # request id -> its counters so far (outputs carry totals)
+        self.cached: dict[str, int] = {}  # request id -> prompt tokens it took from the prefix cache
 
     def see(self, out: RequestOutput) -> None:
         self.completion_tokens += sum(len(d.token_ids) for d in out.deltas)
+        self.cached[out.request_id] = out.cached_tokens
         if out.speculative is not None:
             self.latest[out.request_id] = out.speculative
 
@@ -66,6 +68,7 @@ class UsageTally:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             total_tokens=self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached.values())),
             speculative=self.speculative(),
         )
 
