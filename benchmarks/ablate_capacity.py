@@ -25,9 +25,30 @@ VARIANTS: dict[str, dict] = {
     "rank16": {"build": {"lora_rank": 16}},
     "rank64": {"build": {"lora_rank": 64}},
     "full": {"build": {"mixer_weights": "full"}},  # own q/k/v/o per mixer: the capacity upper bound
-    "slow-decay": {"build": {"lora_rank": 16}, "a_log": math.log(0.01)},  # half-life ~100 tokens at init
     "swa512": {"build": {"lora_rank": 16, "window": 512}},
+    # Decay and gate initialisation, each against rank16 (transfer init: per-token decay exp(-0.1 softplus(0)),
+    # half-life ~10 tokens, on every head; beta = sigmoid(0) = 0.5; output gate neutral):
+    "slow-decay": {"build": {"lora_rank": 16}, "init": {"A_log": [math.log(0.01)]}},  # half-life ~100 tokens
+    # one half-life per head, spread geometrically from ~2 to ~1,000 tokens (Mamba/GDN-style multi-scale)
+    "multiscale-decay": {"build": {"lora_rank": 16}, "init": {"A_log": "multiscale"}},
+    "beta-0.9": {"build": {"lora_rank": 16}, "init": {"b_proj.bias": [math.log(9.0)]}},  # sigmoid -> 0.9
 }
+
+
+def apply_init(model, init: dict) -> None:
+    """Overwrite GDN/KDA initial parameters in place: a one-element list fills the tensor; "multiscale" spreads
+    A_log over the heads so half-lives run geometrically from ~2 to ~1,000 tokens (at init the per-token
+    decay is 2^-exp(A_log), so a half-life of h tokens is A_log = -log h)."""
+    with torch.no_grad():
+        for layer in model.layers:
+            for m in ("gdn", "kda"):
+                for name, value in init.items():
+                    param = layer.mixers[m].get_parameter(name)
+                    if value == "multiscale":
+                        half_life = torch.logspace(math.log10(2), 3, param.numel())
+                        param.copy_(-torch.log(half_life))
+                    else:
+                        param.fill_(value[0])
 
 
 def run_variant(name: str, args, work: Path) -> tuple[dict[tuple[int, str], tuple[float, float]], int, float]:
@@ -56,12 +77,9 @@ def run_variant(name: str, args, work: Path) -> tuple[dict[tuple[int, str], tupl
         "run": {"out": str(work / f"{name}-run"), "progress": False, "threads": args.threads},
     }
     trainer = Trainer(TrainConfig.from_dict(cfg))
-    if "a_log" in variant:
+    if "init" in variant:
         model = load_supernet(init)
-        with torch.no_grad():
-            for layer in model.layers:
-                for m in ("gdn", "kda"):
-                    layer.mixers[m].A_log.fill_(variant["a_log"])
+        apply_init(model, variant["init"])
         save_supernet(model, init)
         trainer = Trainer(TrainConfig.from_dict(cfg), resume=True)
     warm = WarmStart(trainer)
@@ -74,7 +92,7 @@ def run_variant(name: str, args, work: Path) -> tuple[dict[tuple[int, str], tupl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="rank16,rank64,full,slow-decay")
+    ap.add_argument("--variants", default="rank16,slow-decay,multiscale-decay,beta-0.9")
     ap.add_argument("--layers", default="3,15,27")
     ap.add_argument("--mixers", default="gdn,kda")
     ap.add_argument("--chunks", type=int, default=4)
