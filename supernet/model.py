@@ -93,6 +93,14 @@ class SupernetForCausalLM(nn.Module):
     def placement(self, spec: str | Sequence[str]) -> Placement:
         return parse_placement(spec, self.config.num_hidden_layers)
 
+    def layer(self, index: int) -> DecoderLayer:
+        """Decoder layer ``index``, typed (indexing an ``nn.ModuleList`` gives a plain Module)."""
+        return cast(DecoderLayer, self.layers[index])
+
+    def mixer(self, layer: int, name: str) -> Mixer:
+        """Layer ``layer``'s mixer ``name``, typed."""
+        return cast(Mixer, self.layer(layer).mixers[name])
+
     def new_state(self, placement: str | Sequence[str]) -> SequenceState:
         """Empty decoding state for one sequence; its layers follow the placement (FA grows, SWA bounded,
         GDN/KDA fixed)."""
@@ -101,8 +109,7 @@ class SupernetForCausalLM(nn.Module):
         return SequenceState(
             placement,
             [
-                cast(Mixer, layer.mixers[name]).new_state(dtype, device)
-                for layer, name in zip(cast("list[DecoderLayer]", self.layers), placement, strict=True)
+                self.mixer(i, name).new_state(dtype, device) for i, name in enumerate(placement)
             ],
         )
 

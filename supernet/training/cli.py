@@ -135,8 +135,8 @@ def eval_command(
         _fail(str(err))
     try:
         net = load_supernet(model, dtype=torch_dtype, device=torch_device)
-        placement = {p: resolve_placement(p, model) for p in placement}  # preset names -> their placements
-        for p in placement.values():
+        placements = {p: resolve_placement(p, model) for p in placement}  # preset names -> their placements
+        for p in placements.values():
             net.placement(p)
         tokenizer = AutoTokenizer.from_pretrained(model)
         ids = torch.from_numpy(tokenize_file(data, tokenizer, seq_len, max_tokens, text_field)).long()
@@ -153,11 +153,11 @@ def eval_command(
             _fail(f"cannot load teacher {spec!r}: {err}")
         teacher_fn, label = hf_teacher_fn(hf.to(device=torch_device, dtype=torch_dtype)), spec
     scored = evaluate_placements(
-        net, ids, list(placement.values()), teacher=teacher_fn, batch_size=batch_size, include_teacher=True
+        net, ids, list(placements.values()), teacher=teacher_fn, batch_size=batch_size, include_teacher=True
     )
-    results = {name: scored[name if name == "teacher" else placement[name]] for name in ["teacher", *placement]}
+    results = {name: scored[name if name == "teacher" else placements[name]] for name in ["teacher", *placements]}
     typer.echo(f"{ids.numel()} tokens ({len(ids)} x {seq_len}) from {data}; teacher: {label}")
-    typer.echo(format_table(results, net, placement))
+    typer.echo(format_table(results, net, placements))
     if json_out is not None:
         json_out.write_text(
             json.dumps(

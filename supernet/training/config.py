@@ -64,7 +64,7 @@ class SamplingConfig(_Section):
     # "layout": first how many layers get each mixer (uniform over all count vectors summing to the depth),
     #           then where (a uniformly random arrangement): this covers unbalanced placements like all-GDN.
     strategy: Literal["uniform", "weighted", "layout"] = "uniform"
-    mixers: list[MixerName] = Field(default_factory=lambda: ["fa", "swa", "gdn", "kda"], min_length=1)
+    mixers: list[MixerName] = Field(default=["fa", "swa", "gdn", "kda"], min_length=1)  # copied per instance
     weights: dict[MixerName, float] = Field(default_factory=dict)  # "weighted" only; missing mixers weigh 0
     # Named target layouts drawn with the given probability before falling back to `strategy` (oversampling
     # the presets that will be served): [{placement: "fa-every-4:gdn", prob: 0.1}, ...]; probabilities sum
@@ -112,7 +112,7 @@ class BlockwiseConfig(_Section):
     steps: int = Field(0, ge=0)  # cap on optimiser steps per (layer, mixer); early stopping usually ends it sooner
     batch_size: int = Field(8, ge=1)  # sequences per step
     lr: float = 1e-3
-    mixers: list[MixerName] = Field(default_factory=lambda: ["swa", "gdn", "kda"])
+    mixers: list[MixerName] = ["swa", "gdn", "kda"]
     # training sequences per teacher chunk (held in RAM: ~140 KB per token, fp32)
     chunk_sequences: int = Field(32, ge=1)
     steps_per_chunk: int = Field(16, ge=1)  # steps per (layer, mixer) on each chunk, then a held-out evaluation

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,9 @@ from torch import Tensor, nn
 # The warm start trains whole layers between collectives; on a busy CPU one chunk can take many minutes, so
 # the default 30-minute collective timeout would kill healthy runs.
 TIMEOUT = timedelta(hours=6)
+
+if TYPE_CHECKING:
+    from supernet.model import SupernetForCausalLM
 
 
 @dataclass
@@ -111,7 +114,7 @@ class Fsdp2:
     full tensors are gathered with torch.distributed.checkpoint's state-dict helpers, onto rank 0's CPU only
     (``cpu_offload``), which writes them."""
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
+    def __init__(self, model: SupernetForCausalLM, names: list[str]) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -122,18 +125,20 @@ class Fsdp2:
             fully_shard(layer, mesh=mesh)
             # prepend: runs before the pre-forward hook fully_shard just registered
             layer.register_forward_pre_hook(_prepare_layer_inputs, prepend=True, with_kwargs=True)
-        fully_shard(model, mesh=mesh)
-        model.set_reduce_scatter_unused_params(True)
+        self.sharded = fully_shard(model, mesh=mesh)  # the same object as `model`, typed as an FSDPModule
+        self.sharded.set_reduce_scatter_unused_params(True)
 
     def params(self) -> dict[str, nn.Parameter]:
         """The trainable parameters after sharding (``fully_shard`` replaces them with DTensor parameters)."""
         keep = set(self.names)
         return {n: p for n, p in self.model.named_parameters() if n in keep}
 
-    def _options(self, **kw: bool):
+    def _options(self, cpu_offload: bool = False, ignore_frozen_params: bool = False):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(full_state_dict=True, **kw)
+        return StateDictOptions(
+            full_state_dict=True, cpu_offload=cpu_offload, ignore_frozen_params=ignore_frozen_params
+        )
 
     def full_state(
         self, optimizer: torch.optim.Optimizer
@@ -145,11 +150,13 @@ class Fsdp2:
         params = get_model_state_dict(
             self.model, options=self._options(cpu_offload=True, ignore_frozen_params=True)
         )
-        optim = get_optimizer_state_dict(self.model, optimizer, options=self._options(cpu_offload=True))
+        optim = cast(
+            dict[str, Any], get_optimizer_state_dict(self.model, optimizer, options=self._options(cpu_offload=True))
+        )
         if not params:
             return {}, None
         index = {n: i for i, n in enumerate(self.names)}
-        return params, {
+        return cast(dict[str, Tensor], params), {
             "state": {index[n]: s for n, s in optim["state"].items()},
             "param_groups": [
                 {**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]
@@ -167,7 +174,7 @@ class Fsdp2:
                 {**g, "params": [self.names[i] for i in g["params"]]} for g in state["param_groups"]
             ],
         }
-        set_optimizer_state_dict(self.model, optimizer, named, options=self._options())
+        set_optimizer_state_dict(self.model, optimizer, cast(Any, named), options=self._options())
 
     def gather(self, build: Callable[[], nn.Module]) -> nn.Module | None:
         """The whole model unsharded into ``build()``'s fresh copy on rank 0 (None elsewhere): what evaluation

@@ -52,7 +52,7 @@ class PlacementSampler:
         n = self.num_layers
         lo, hi = self.cfg.fa_mix_range
         fa = set(rng.sample(range(n), min(n, rng.randint(lo, hi))))
-        others = [m for m in self.mixers if m != "fa"] or ["fa"]
+        others: list[str] = [m for m in self.mixers if m != "fa"] or ["fa"]
         return tuple("fa" if i in fa else rng.choice(others) for i in range(n))
 
     def for_step(self, step: int, batch: int) -> list[Placement]:

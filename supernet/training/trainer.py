@@ -18,6 +18,7 @@ added later)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -131,8 +132,6 @@ class Trainer:
         if cfg.optim.trainable == "mixers":
             self.teacher = self.model
         else:
-            import copy
-
             self.teacher = copy.deepcopy(self.model).requires_grad_(False)
         self.sampler = PlacementSampler(cfg.sampling, self.model.config.num_hidden_layers, cfg.run.seed)
         self.metrics_path = self.out / "metrics.jsonl"
@@ -205,7 +204,7 @@ class Trainer:
         extra_tensors: dict[str, Tensor] | None = None,
         tag: str = "",
     ) -> None:
-        params, optim = dict(self.params), optimizer
+        params, optim = dict[str, Tensor](self.params), optimizer
         if self.fsdp is not None:  # every rank takes part in the gather; rank 0 receives full tensors
             params, optim = self.fsdp.full_state(optimizer)
         if self.d.main:
@@ -296,10 +295,11 @@ class Trainer:
             else:
                 optimizer.load_state_dict(saved)
         step_module: nn.Module = DistillStep(self.model, cfg)
+        ddp = None
         if d.world > 1 and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel
 
-            step_module = DistributedDataParallel(step_module, find_unused_parameters=True)
+            step_module = ddp = DistributedDataParallel(step_module, find_unused_parameters=True)
         n = len(self.data.train)
         device = self.model.embed_tokens.weight.device
         from tqdm import tqdm
@@ -331,8 +331,8 @@ class Trainer:
                 ids = torch.from_numpy(self.data.train[rows]).long().to(device)
                 sync = m == cfg.optim.grad_accum - 1 or d.world == 1
                 if self.fsdp is not None:
-                    self.model.set_requires_gradient_sync(sync)
-                ctx = nullcontext() if sync or self.fsdp is not None else step_module.no_sync()
+                    self.fsdp.sharded.set_requires_gradient_sync(sync)
+                ctx = nullcontext() if sync or ddp is None else ddp.no_sync()
                 with ctx:
                     with self.autocast(device):  # forward only: backward replays the recorded precisions
                         targets = source.get(rows, ids)

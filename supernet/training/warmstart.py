@@ -104,7 +104,7 @@ class WarmStart:
             (i, name)
             for i in range(layers)
             for name in self.cfg.mixers
-            if any(p.requires_grad for p in self.model.layers[i].mixers[name].parameters())
+            if any(p.requires_grad for p in self.model.mixer(i, name).parameters())
         ]
         self.progress: dict[str, MixerProgress] = {}
         self.optimizers: dict[str, torch.optim.AdamW] = {}
@@ -130,11 +130,8 @@ class WarmStart:
     def owned(self, layer: int) -> bool:
         return layer % self.d.world == self.d.rank
 
-    def mixer(self, layer: int, name: str):
-        return self.model.layers[layer].mixers[name]
-
     def params(self, layer: int, name: str) -> dict[str, Tensor]:
-        return {n: p for n, p in self.mixer(layer, name).named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.model.mixer(layer, name).named_parameters() if p.requires_grad}
 
     def full_name(self, layer: int, name: str, param: str) -> str:
         return f"layers.{layer}.mixers.{name}.{param}"
@@ -200,7 +197,7 @@ class WarmStart:
 
     @torch.no_grad()
     def held_out_error(self, layer: int, name: str) -> float:
-        y = self.mixer(layer, name)(self.val.ins[layer], self.model.layers[layer].attn, self.val_ctx, None)
+        y = self.model.mixer(layer, name)(self.val.ins[layer], self.model.layer(layer).attn, self.val_ctx, None)
         return float(activation_loss(y, self.val.outs[layer]).mean())
 
     @torch.no_grad()
@@ -208,15 +205,16 @@ class WarmStart:
         """GDN/KDA outputs come out of an RMSNorm at unit scale, orders of magnitude off the attention output:
         one least-squares scale <y, t> / <y, y> (the output is linear in the norm weight) removes most of the
         initial error before any gradient step."""
-        mixer = self.mixer(layer, name)
-        if not hasattr(mixer, "norm_weight"):
+        mixer = self.model.mixer(layer, name)
+        norm_weight = getattr(mixer, "norm_weight", None)
+        if norm_weight is None:
             return
         rows = slice(0, self.cfg.batch_size)
-        y = mixer(pairs.ins[layer][rows], self.model.layers[layer].attn, self.ctx, None)
+        y = mixer(pairs.ins[layer][rows], self.model.layer(layer).attn, self.ctx, None)
         t = pairs.outs[layer][rows]
         scale = float((y * t).sum() / y.square().sum().clamp_min(1e-12))
         if scale > 0:
-            mixer.norm_weight.mul_(scale)
+            norm_weight.mul_(scale)
 
     def start_unit(self, layer: int, name: str, pairs: LayerPairs) -> MixerProgress:
         initial = self.held_out_error(layer, name)
@@ -230,7 +228,7 @@ class WarmStart:
     def train_unit(self, p: MixerProgress, pairs: LayerPairs) -> None:
         cfg = self.cfg
         layer, name = p.layer, p.mixer
-        mixer, attn = self.mixer(layer, name), self.model.layers[layer].attn
+        mixer, attn = self.model.mixer(layer, name), self.model.layer(layer).attn
         params = list(self.params(layer, name).values())
         optimizer = self.optimizers[p.key]
         rng = np.random.default_rng([self.seed, 11, self.chunk, layer, MIXER_INDEX[name]])
