@@ -5,6 +5,9 @@ under a small budget entries are evicted instead of requests failing."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import time
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ from serving.memory import state_bytes
 from serving.prefix_cache import block_hashes, root_hash
 from serving.sampling import SamplingParams
 from serving.types import GenerationRequest
+from tests.conftest import free_port
 
 from .conftest import CORPUS, start_server
 
@@ -167,3 +171,38 @@ def test_server_reports_cached_tokens(tiny_model, tiny_tokenizer, tiny_dir):
     assert value("supernet_prefix_cache_hits_total") == cached
     assert value("supernet_prefix_cache_queries_total") == first.usage.prompt_tokens + second.usage.prompt_tokens
     assert value("supernet_prefix_cache_blocks") > 0
+
+
+def test_no_enable_prefix_caching_flag(tiny_dir):
+    """``supernet serve --no-enable-prefix-caching`` (a real process): the same chat twice reuses nothing."""
+    from openai import OpenAI
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "supernet.cli", "serve", "--model", str(tiny_dir), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--threads", "1", "--no-enable-prefix-caching"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+        usages = [
+            client.chat.completions.create(model="tiny-supernet", messages=messages, max_tokens=4).usage
+            for _ in range(2)
+        ]
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert [u.prompt_tokens_details.cached_tokens for u in usages] == [0, 0]
+    assert usages[0].prompt_tokens > 100
+    assert "supernet_prefix_cache_queries_total{" not in metrics  # nothing was looked up
