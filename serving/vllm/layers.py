@@ -18,6 +18,8 @@ see one opaque op per layer, so no routing is ever baked into a graph.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from vllm.config import get_current_vllm_config
@@ -37,7 +39,9 @@ from supernet.cache import DeltaState
 from supernet.config import MIXER_NAMES
 from supernet.layers import apply_rotary
 from supernet.mixers import MixerContext
+from supernet.mixers.attention import Attention as AttentionMixer
 from supernet.mixers.attention import attend_grouped, window_mask
+from supernet.mixers.delta import DeltaMixer
 from supernet.model import DecoderLayer
 
 
@@ -108,6 +112,9 @@ class SupernetMixer(nn.Module):
     """The token-mixing half of one decoder layer: the layer's mixers (weights owned by the model) plus a
     cache per served mixer, dispatched per row through the ``supernet_mix`` op."""
 
+    layer: DecoderLayer  # set through __dict__ (not submodules: their weights are registered once, under the model)
+    rotary: nn.Module
+
     def __init__(
         self,
         layer: DecoderLayer,
@@ -119,16 +126,15 @@ class SupernetMixer(nn.Module):
         cache_config,
     ) -> None:
         super().__init__()
-        # not submodules: their weights are registered once, under the model
         self.__dict__["layer"], self.__dict__["rotary"] = layer, rotary
         self.index, self.mixers, self.prefix = index, mixers, f"{root}mixers.{index}"
         caches: dict[str, nn.Module] = {}
         self.cache_names: dict[str, str] = {}
         dtype = torch.get_default_dtype()
         for name in mixers:
-            mixer = layer.mixers[name]
             cname = self.cache_names[name] = cache_name(root, name, index, num_layers)
             if name in ("fa", "swa"):
+                mixer = self.attention_mixer(name)
                 caches[name] = Attention(
                     mixer.num_heads,
                     mixer.head_dim,
@@ -138,15 +144,22 @@ class SupernetMixer(nn.Module):
                     prefix=cname,
                 )
             else:
-                width = mixer.num_heads * mixer.head_dim
+                delta = self.delta_mixer(name)
+                width = delta.num_heads * delta.head_dim
                 caches[name] = DeltaStateCache(
-                    (3 * width, mixer.conv_weight.shape[1] - 1),
-                    (mixer.num_heads, mixer.head_dim, mixer.head_dim),
+                    (3 * width, delta.conv_weight.shape[1] - 1),
+                    (delta.num_heads, delta.head_dim, delta.head_dim),
                     dtype,
                     cname,
                 )
         self.caches = nn.ModuleDict(caches)
         get_current_vllm_config().compilation_config.static_forward_context[self.prefix] = self
+
+    def attention_mixer(self, name: str) -> AttentionMixer:
+        return cast(AttentionMixer, self.layer.mixers[name])
+
+    def delta_mixer(self, name: str) -> DeltaMixer:
+        return cast(DeltaMixer, self.layer.mixers[name])
 
     def forward(self, h: Tensor, positions: Tensor) -> Tensor:
         out = torch.empty_like(h)
@@ -170,8 +183,9 @@ class SupernetMixer(nn.Module):
                 self._delta(name, rows, step, metadata, h, out)
 
     def _attention(self, name, rows, step, metadata, h, positions, out) -> None:
-        mixer, base = self.layer.mixers[name], self.layer.attn
-        cache = self.caches[name].kv_cache  # [blocks, kv_heads, block_size, 2 * head_dim] (our own layout)
+        mixer, base = self.attention_mixer(name), self.layer.attn
+        # [blocks, kv_heads, block_size, 2 * head_dim] (our own layout)
+        cache = cast(Tensor, self.caches[name].kv_cache)
         d, bs = mixer.head_dim, cache.shape[2]
         bounds = step.bounds
         index = torch.cat([torch.arange(bounds[j], bounds[j + 1]) for j in rows])
@@ -205,11 +219,11 @@ class SupernetMixer(nn.Module):
         out[index] = o.to(out.dtype)
 
     def _rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self.__dict__["rotary"](positions[None])
+        return self.rotary(positions[None])
 
     def _delta(self, name, rows, step, metadata, h, out) -> None:
-        mixer, base = self.layer.mixers[name], self.layer.attn
-        conv_cache, state_cache = self.caches[name].kv_cache
+        mixer, base = self.delta_mixer(name), self.layer.attn
+        conv_cache, state_cache = cast(tuple[Tensor, Tensor], self.caches[name].kv_cache)
         bounds = step.bounds
         slots = metadata.non_spec_state_indices_tensor
         initial = metadata.has_initial_state
@@ -224,7 +238,7 @@ class SupernetMixer(nn.Module):
                 if initial is None or bool(initial[j]):
                     states.append(DeltaState(conv_cache[s], state_cache[s]))
                 else:
-                    states.append(mixer.new_state(conv_cache.dtype, conv_cache.device))
+                    states.append(cast(DeltaState, mixer.new_state(conv_cache.dtype, conv_cache.device)))
             index = torch.cat([torch.arange(bounds[j], bounds[j + 1]) for j in group])
             x = h[index].view(len(group), -1, h.shape[-1])
             y = mixer(x, base, ctx, states)

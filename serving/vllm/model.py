@@ -40,14 +40,15 @@ class HybridSupernetForCausalLM(nn.Module):
         ROUTING.configure(self.presets)
         self.net = SupernetForCausalLM(config)
         self.layer_mixers = served_layer_mixers(self.presets, num_layers)
-        for layer, keep in zip(self.net.layers, self.layer_mixers, strict=True):
+        self.decoder_layers = [self.net.layer(i) for i in range(num_layers)]  # typed views, not submodules
+        for layer, keep in zip(self.decoder_layers, self.layer_mixers, strict=True):
             for name in MIXER_NAMES:
                 if name not in keep:
                     del layer.mixers[name]
         root = f"{prefix}." if prefix else ""
         self.mixers = nn.ModuleList(
             SupernetMixer(layer, self.net.rotary, i, num_layers, keep, root, vllm_config.cache_config)
-            for i, (layer, keep) in enumerate(zip(self.net.layers, self.layer_mixers, strict=True))
+            for i, (layer, keep) in enumerate(zip(self.decoder_layers, self.layer_mixers, strict=True))
         )
 
     @classmethod
@@ -76,8 +77,12 @@ class HybridSupernetForCausalLM(nn.Module):
         inputs_embeds: Tensor | None = None,
         **kwargs,
     ) -> Tensor:
-        x = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
-        for layer, mixer in zip(self.net.layers, self.mixers, strict=True):
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.embed_input_ids(input_ids)
+        x = inputs_embeds
+        for layer, mixer in zip(self.decoder_layers, self.mixers, strict=True):
             x = x + mixer(layer.input_layernorm(x), positions)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.net.norm(x)

@@ -24,7 +24,7 @@ from supernet.config import MIXER_NAMES
 try:  # the router is only meaningful with vLLM installed; the module imports without it for docs/tests
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 except ImportError:  # pragma: no cover - exercised only without vLLM
-    LogitsProcessor = object  # type: ignore[misc,assignment]
+    LogitsProcessor = object
 
 log = logging.getLogger("serving.vllm")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from serving.server import ServeError, ServeOptions, check_model_dir, default_model_name
@@ -69,5 +70,9 @@ def serve(model_dir: str | Path, options: ServeOptions | None = None, settings=N
         opts.port,
     )
     uvicorn.run(
-        app, host=opts.host, port=opts.port, log_level=opts.log_level, timeout_graceful_shutdown=opts.shutdown_timeout
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level=opts.log_level,
+        timeout_graceful_shutdown=math.ceil(opts.shutdown_timeout),  # uvicorn takes whole seconds
     )

@@ -4,10 +4,7 @@ resumes from an FSDP2 checkpoint to the weights it would have reached uninterrup
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,29 +13,9 @@ from safetensors import safe_open
 
 from supernet.training.config import TrainConfig
 from supernet.training.trainer import train
-from tests.training.test_training import REPO, losses, tiny_config, trainable, write_config
+from tests.training.test_training import losses, run_train, tiny_config, trainable, write_config
 
 STEPS = 6
-
-
-def torchrun(config: Path, *extra: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(29700 + os.getpid() % 1000),
-        "-m",
-        "supernet.cli",
-        "train",
-        str(config),
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def evals(path: Path) -> dict[int, dict[str, float]]:
@@ -79,7 +56,7 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path, tiny_supernet_dir):
     cfg = tiny_config(tmp_path / "fsdp", tiny_supernet_dir, **sections)
     cfg["run"]["parallel"] = "fsdp2"
     path = write_config(tmp_path / "fsdp.yaml", cfg)
-    torchrun(path)
+    run_train(path, world=2, timeout=600)
     one, two = Path(ref["run"]["out"]), Path(cfg["run"]["out"])
 
     l1, l2 = losses(one / "metrics.jsonl"), losses(two / "metrics.jsonl")
@@ -117,7 +94,7 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path, tiny_supernet_dir):
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS:06d}")
     (resumed / "checkpoints" / "latest").write_text("step-000003\n")
     cfg["run"]["out"] = str(resumed)
-    torchrun(write_config(tmp_path / "resume.yaml", cfg), "--resume")
+    run_train(write_config(tmp_path / "resume.yaml", cfg), "--resume", world=2, timeout=600)
     final3 = trainable(resumed / "final")
     for name in final2:
         torch.testing.assert_close(final3[name], final2[name], rtol=1e-6, atol=1e-7)

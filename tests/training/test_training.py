@@ -22,7 +22,7 @@ from supernet.training.config import TrainConfig
 from supernet.training.state import complete_checkpoints, load_training_state, save_training_state
 from supernet.training.step import DistillStep
 from supernet.training.trainer import Trainer, train
-from tests.conftest import TINY_TEXT
+from tests.conftest import TINY_TEXT, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,6 +97,21 @@ def kill_run_at_checkpoint(config: Path, out: Path, at_least: str) -> str:
     return latest.read_text().strip()
 
 
+def run_train(config: Path, *args: str, world: int = 1, timeout: int = 240) -> None:
+    """`supernet train CONFIG ARGS` in a fresh process, as a user runs it (under torchrun with ``world`` > 1
+    processes); a failed run fails the test with its stderr."""
+    launcher = ["torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port()), "-m"]
+    proc = subprocess.run(
+        [sys.executable, "-m", *(launcher if world > 1 else []), "supernet.cli", "train", str(config), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @torch.no_grad()
 def placement_loss(trainer: Trainer, placement: str, rows: np.ndarray) -> float:
     """The distillation loss (activation + KL) of one whole-model placement on fixed training rows."""
@@ -107,26 +122,28 @@ def placement_loss(trainer: Trainer, placement: str, rows: np.ndarray) -> float:
     return float(loss)
 
 
+def losses_before_and_after_training(placements: tuple[str, ...], tmp_path: Path, model_dir: Path, **sections):
+    """Each placement's distillation loss on fixed training rows before and after training the tiny config
+    with ``sections`` on top, and the trained supernet."""
+    cfg = TrainConfig.from_dict(tiny_config(tmp_path, model_dir, **sections))
+    probe = np.arange(8)
+    trainer = Trainer(cfg)
+    before = {p: placement_loss(trainer, p, probe) for p in placements}
+    trained = load_supernet(train(cfg, resume=True)["final"])  # resume: the probe trainer made the run directory
+    trainer.model.load_state_dict(trained.state_dict())
+    return before, {p: placement_loss(trainer, p, probe) for p in placements}, trained
+
+
 def test_tiny_run_lowers_every_mixer_loss_and_blockwise_lowers_every_layer(tmp_path, tiny_supernet_dir):
     presets = [{"placement": f"all-{m}", "prob": 0.2} for m in ("swa", "gdn", "kda")]
-    cfg = TrainConfig.from_dict(
-        tiny_config(
-            tmp_path,
-            tiny_supernet_dir,
-            blockwise={"steps": 15},
-            optim={"steps": 50, "lr": 1.0e-3},
-            sampling={"presets": presets},
-        )
+    before, after, _ = losses_before_and_after_training(
+        ("all-fa", "all-swa", "all-gdn", "all-kda"),
+        tmp_path,
+        tiny_supernet_dir,
+        blockwise={"steps": 15},
+        optim={"steps": 50, "lr": 1.0e-3},
+        sampling={"presets": presets},
     )
-    probe = np.arange(8)
-    before_trainer = Trainer(cfg)
-    before = {
-        p: placement_loss(before_trainer, p, probe) for p in ("all-fa", "all-swa", "all-gdn", "all-kda")
-    }
-    result = train(cfg, resume=True)  # resume=True: the probe trainer above made the run directory
-    after_model = load_supernet(result["final"])
-    before_trainer.model.load_state_dict(after_model.state_dict())
-    after = {p: placement_loss(before_trainer, p, probe) for p in before}
     for p in ("all-swa", "all-gdn", "all-kda"):
         assert after[p] < before[p], (p, before[p], after[p])
     assert before["all-fa"] == pytest.approx(0.0, abs=1e-4) and after["all-fa"] == pytest.approx(
@@ -151,24 +168,16 @@ def test_bf16_autocast_trains_fp32_weights_and_lowers_the_loss(tmp_path, tiny_su
     supernet) stay fp32, the warm start lowers every layer's error and the linear mixers' distillation loss
     still falls."""
     presets = [{"placement": f"all-{m}", "prob": 0.3} for m in ("gdn", "kda")]
-    cfg = TrainConfig.from_dict(
-        tiny_config(
-            tmp_path,
-            tiny_supernet_dir,
-            blockwise={"steps": 8},
-            optim={"steps": 20, "lr": 1.0e-3},
-            sampling={"presets": presets},
-            run={"autocast": "bf16", "save_every": 20},
-        )
+    before, after, trained = losses_before_and_after_training(
+        ("all-gdn", "all-kda"),
+        tmp_path,
+        tiny_supernet_dir,
+        blockwise={"steps": 8},
+        optim={"steps": 20, "lr": 1.0e-3},
+        sampling={"presets": presets},
+        run={"autocast": "bf16", "save_every": 20},
     )
-    probe = np.arange(8)
-    trainer = Trainer(cfg)
-    before = {p: placement_loss(trainer, p, probe) for p in ("all-gdn", "all-kda")}
-    result = train(cfg, resume=True)
-    trained = load_supernet(result["final"])
     assert {t.dtype for t in trained.state_dict().values()} == {torch.float32}
-    trainer.model.load_state_dict(trained.state_dict())
-    after = {p: placement_loss(trainer, p, probe) for p in before}
     for p in before:
         assert after[p] < before[p], (p, before[p], after[p])
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -194,31 +203,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_supernet_dir):
         cfg = tiny_config(
             tmp_path / f"w{world}", tiny_supernet_dir, optim={"steps": 6}, blockwise={"steps": 2}
         )
-        path = write_config(tmp_path / f"w{world}.yaml", cfg)
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(world),
-            "--master_port",
-            str(29500 + world + os.getpid() % 1000),
-            "-m",
-            "supernet.cli",
-            "train",
-            str(path),
-        ]
-        if world == 1:
-            cmd = [sys.executable, "-m", "supernet.cli", "train", str(path)]
-        proc = subprocess.run(
-            cmd,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_train(write_config(tmp_path / f"w{world}.yaml", cfg), world=world)
         runs[world] = Path(cfg["run"]["out"])
     one, two = losses(runs[1] / "metrics.jsonl"), losses(runs[2] / "metrics.jsonl")
     assert sorted(one) == sorted(two) == list(range(1, 7))
@@ -254,15 +239,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(tmp_path, tiny_su
     (out / "checkpoints" / "step-999998").mkdir()
     with pytest.raises(FileExistsError):
         train(TrainConfig.from_dict(cfg))  # without --resume an existing run is refused
-    proc = subprocess.run(
-        [sys.executable, "-m", "supernet.cli", "train", str(path), "--resume"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train(path, "--resume")
     ref, resumed = trainable(Path(ref_cfg["run"]["out"]) / "final"), trainable(out / "final")
     for name in ref:
         torch.testing.assert_close(resumed[name], ref[name], rtol=1e-6, atol=1e-7)

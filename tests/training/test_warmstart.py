@@ -5,9 +5,6 @@ uninterrupted one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,13 @@ import torch
 from supernet.training.config import TrainConfig
 from supernet.training.trainer import Trainer, train
 from supernet.training.warmstart import WarmStart
-from tests.training.test_training import REPO, kill_run_at_checkpoint, tiny_config, trainable, write_config
+from tests.training.test_training import (
+    kill_run_at_checkpoint,
+    run_train,
+    tiny_config,
+    trainable,
+    write_config,
+)
 
 
 def warm_records(run: Path) -> list[dict]:
@@ -60,15 +63,7 @@ def test_warm_start_killed_between_chunks_resumes_exactly(tmp_path, tiny_superne
     out = Path(cfg["run"]["out"])
     killed_at = kill_run_at_checkpoint(path, out, "step-000000-warm-00005")
     assert "warm" in killed_at and not (out / "final").exists()
-    proc = subprocess.run(
-        [sys.executable, "-m", "supernet.cli", "train", str(path), "--resume"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train(path, "--resume")
     a, b = trainable(Path(ref["run"]["out"]) / "final"), trainable(out / "final")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
