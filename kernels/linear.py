@@ -5,7 +5,9 @@ it is bound by reading the weights. Through ``F.linear`` (MKL, row-major ``[out,
 streams them at well under half the memory bandwidth at 1 row, and at 8 rows it is worse still. oneDNN's
 blocked layout -- what inductor's CPU ``freezing`` pass prepacks weights into -- measured 1.7x faster at one row
 and 2.2x at 8 rows here (benchmarks/bench_kernels.py ``--linear``). Several projections that read the same
-input can also be packed as one matrix (q/k/v, the MLP's gate/up), so each step issues fewer, larger calls.
+input can also be packed as one matrix (q/k/v, the MLP's gate/up), so each step issues fewer, larger calls,
+and a packed copy may be any function of the weights (``derived_linear``): the LoRA mixers' decode copies have
+their low-rank deltas merged in, so they read the teacher's bytes in one call instead of three.
 
 The packed copies are an inference-only cache, held on the module that owns the weights (outside its
 ``state_dict``), keyed by each weight's storage and version counter: an optimizer step or a checkpoint load
@@ -23,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SMALL_ROWS", "derived", "fused_linear", "linear", "packed_available", "set_packed_enabled", "use_packed"]
+__all__ = [
+    "SMALL_ROWS", "derived", "derived_linear", "fused_linear", "linear", "packed_available", "set_packed_enabled",
+    "use_packed",
+]
 
 # Calls with at most SMALL_TOKENS tokens per sequence (decode steps, speculative verification) and at most
 # SMALL_ROWS rows in all take the packed path. Decode steps of big batches still gain (oneDNN measured faster up
@@ -97,18 +102,36 @@ def fused_linear(
     """
     biases = list(biases) or [None] * len(weights)
 
-    def build() -> tuple[Tensor, Tensor | None]:
+    def make() -> tuple[Tensor, Tensor | None]:
         w = weights[0] if len(weights) == 1 else torch.cat(list(weights), dim=0)
-        w = w.detach().contiguous()
-        if _AVAILABLE and w.dtype == torch.float32 and w.numel() >= PACK_MIN_NUMEL:
-            w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
         bias = None
         if any(b is not None for b in biases):
             parts = zip(weights, biases, strict=True)
             bias = torch.cat([b.detach() if b is not None else w_.new_zeros(w_.shape[0]) for w_, b in parts])
         return w, bias
 
-    weight, bias = derived(owner, name, [*weights, *biases], build)
+    return derived_linear(x, owner, name, [*weights, *biases], make)
+
+
+def derived_linear(
+    x: Tensor,
+    owner: nn.Module,
+    name: str,
+    sources: Sequence[Tensor | None],
+    make: Callable[[], tuple[Tensor, Tensor | None]],
+) -> Tensor:
+    """``F.linear(x, *make())`` with ``make()``'s weight -- any function of ``sources``, e.g. several
+    projections concatenated or a LoRA delta merged in -- built once, prepacked for oneDNN and cached on
+    ``owner`` under ``name`` until a source changes. Callers check ``use_packed(x)`` first."""
+
+    def build() -> tuple[Tensor, Tensor | None]:
+        w, bias = make()
+        w = w.detach().contiguous()
+        if _AVAILABLE and w.dtype == torch.float32 and w.numel() >= PACK_MIN_NUMEL:
+            w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
+        return w, None if bias is None else bias.detach()
+
+    weight, bias = derived(owner, name, sources, build)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

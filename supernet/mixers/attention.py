@@ -109,9 +109,13 @@ class Attention(Mixer):
         ring_k[rows, :, slot] = k[:, :, 0]
         ring_v[rows, :, slot] = v[:, :, 0]
         ring_pos[rows, slot] = pos
+        qg = q.reshape(b, hkv, -1, self.head_dim)  # query heads of a group stacked: each KV head read once
+        if int(pos.min()) >= self.sinks + window - 1:
+            # Every ring is full: its slots hold exactly the sinks and the last ``window`` positions, all
+            # visible, so no mask is needed (the common case past the first window of a sequence).
+            return F.scaled_dot_product_attention(qg, ring_k, ring_v).reshape(q.shape)
         p = pos[:, None]
         mask = (ring_pos >= 0) & ((p - ring_pos < window) | (ring_pos < self.sinks))
-        qg = q.reshape(b, hkv, -1, self.head_dim)  # query heads of a group stacked: each KV head read once
         out = F.scaled_dot_product_attention(qg, ring_k, ring_v, attn_mask=mask[:, None, None, :])
         return out.reshape(q.shape)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.linear import derived, fused_linear, use_packed
+from kernels.linear import derived, derived_linear, fused_linear, use_packed
 from supernet.cache import LayerState
 from supernet.config import AttentionConfig
 from supernet.layers import AttentionProjections, LoRA, repeat_heads
@@ -107,6 +107,8 @@ class MixerProjections(nn.Module):
         if self.own is not None:
             return self.own.qkv(x)
         assert base is not None, "shared-weight mixers need the layer's teacher projections"
+        if self.lora is not None and self.kv_repeat == 1 and use_packed(x):
+            return self._merged_qkv(x, base)
         q, k, v = base.qkv(x)
         k = repeat_heads(k, self.head_dim, self.kv_repeat)
         v = repeat_heads(v, self.head_dim, self.kv_repeat)
@@ -119,14 +121,46 @@ class MixerProjections(nn.Module):
             q, k, v = q + self.lora["q"](x), k + self.lora["k"](x), v + self.lora["v"](x)
         return q, k, v
 
+    def _merged_qkv(self, x: Tensor, base: AttentionProjections) -> tuple[Tensor, Tensor, Tensor]:
+        """Decode: q/k/v from the teacher's weights with the LoRA deltas merged in, one packed matrix -- the
+        same bytes as the teacher's q/k/v and one call instead of three. Only without KV tiling: a tiled
+        (``kv_repeat`` > 1) merged k/v would read ``kv_repeat`` times the teacher's k/v bytes, more than the
+        separate LoRA factors cost."""
+        loras = cast("dict[str, LoRA]", self.lora)
+        projs = (base.q_proj, base.k_proj, base.v_proj)
+
+        def make() -> tuple[Tensor, Tensor | None]:
+            w = torch.cat([p.weight + loras[key].B @ loras[key].A for p, key in zip(projs, "qkv", strict=True)])
+            biases = [p.bias for p in projs]
+            return w, None if biases[0] is None else torch.cat(cast("list[Tensor]", biases))
+
+        sources = [
+            t for p, key in zip(projs, "qkv", strict=True) for t in (p.weight, p.bias, loras[key].A, loras[key].B)
+        ]
+        y = derived_linear(x, self, "merged_qkv", sources, make)
+        return y.split([p.out_features for p in projs], dim=-1)
+
     def lora_qkv_b(self, a: Tensor) -> Tensor:
-        """The q, k and v LoRA B factors applied to the concatenated A outputs ``a`` [..., 3 * rank] at once."""
+        """The q, k and v LoRA B factors applied to the concatenated A outputs ``a`` [..., 3 * rank] at once:
+        one batched matmul over the three stacked factors when they have one shape (GDN/KDA tile k/v to q's
+        width), else one block-diagonal matrix (which reads its zero blocks too)."""
         factors = [cast("dict[str, LoRA]", self.lora)[key].B for key in "qkv"]
+        if all(f.shape == factors[0].shape for f in factors):
+            stacked = derived(self, "lora_b", factors, lambda: torch.stack([f.t() for f in factors]).contiguous())
+            rows = a.reshape(-1, 3, stacked.shape[1]).transpose(0, 1)  # [3, N, rank]
+            return torch.bmm(rows, stacked).transpose(0, 1).reshape(*a.shape[:-1], -1)
         block = derived(self, "lora_b", factors, lambda: torch.block_diag(*factors))
         return F.linear(a, block)
 
     def out(self, o: Tensor, base: AttentionProjections | None) -> Tensor:
         if self.own is not None:
             return self.own.o_proj(o)
-        y = cast(AttentionProjections, base).o_proj(o)  # shared-weight mixers always get the teacher's
-        return y + self.lora["o"](o) if self.lora is not None else y
+        o_proj = cast(AttentionProjections, base).o_proj  # shared-weight mixers always get the teacher's
+        if self.lora is None:
+            return o_proj(o)
+        lora = cast(LoRA, self.lora["o"])
+        if use_packed(o):  # decode: the delta merged into a packed copy (same bytes, one call instead of three)
+            return derived_linear(
+                o, self, "merged_o", [o_proj.weight, lora.A, lora.B], lambda: (o_proj.weight + lora.B @ lora.A, None)
+            )
+        return o_proj(o) + lora(o)
