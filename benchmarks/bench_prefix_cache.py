@@ -3,8 +3,9 @@
 One process drives the embedded engine directly (no HTTP, so only prefill and the first sample are timed). For
 each preset, a fresh engine with prefix caching on (the server's default) receives ``--requests`` chats one after
 another: the same ~``--system-tokens``-token system prompt (real text) followed by a short, distinct user
-question, rendered with the model's chat template. The first request is cold (nothing cached for that preset);
-the later ones start from its cached prefix. TTFT = ``add_request`` to the step that returns the first token.
+question, rendered with the model's chat template. After one unmeasured warm-up request of the same length (other
+tokens, another engine), the first request is cold (nothing cached for that preset); the later ones start from
+its cached prefix. TTFT = ``add_request`` to the step that returns the first token.
 Printed per preset: the cold TTFT, the median warm TTFT, their ratio, the cached prompt tokens of the warm
 requests, and as a control the median TTFT of the same warm requests on an engine with prefix caching off (which
 should be about the cold one). Greedy decoding; the warm requests' first tokens are checked to equal the
@@ -127,6 +128,7 @@ def main() -> None:
     print(f"{'preset':>16} {'cold ms':>9} {'warm ms':>9} {'speed-up':>9} {'cached':>7} {'uncached warm ms':>17}")
     for name in names:
         placement = table.get(name).placement if name in table.presets else model.placement(name)
+        bench(model, tokenizer, name, placement, [prompts[0][::-1]], False, args.prefill_chunk)  # warm-up
         warm_runs = bench(model, tokenizer, name, placement, prompts, True, args.prefill_chunk)
         cold_runs = bench(model, tokenizer, name, placement, prompts, False, args.prefill_chunk)
         assert [r[2] for r in warm_runs] == [r[2] for r in cold_runs], "prefix caching changed a first token"

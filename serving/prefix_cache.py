@@ -46,7 +46,10 @@ from torch import Tensor
 from serving.memory import BlockPool, CacheLayout
 from supernet.cache import KVCache, LayerState, SequenceState
 
-DEFAULT_INTERVAL = 64  # tokens between snapshots of fixed-size states (a block multiple)
+# Tokens between snapshots of fixed-size states (a block multiple). Each snapshot point ends a prefill forward: at
+# 64 a 1k-token prompt on the demo's linear-4.7x took about a quarter more prefill compute than uncached, at 128 a
+# few percent (process CPU time); a hit then falls at most 127 tokens short of the shared prefix.
+DEFAULT_INTERVAL = 128
 
 
 def root_hash(preset: str, placement: Sequence[str]) -> bytes:
