@@ -7,7 +7,7 @@ requests on different presets with no weight reload and no cache wipe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -29,9 +29,17 @@ class SupernetOutput:
     mixer_io: list[tuple[Tensor, Tensor]] | None = None
 
 
+def no_reduce(x: Tensor) -> Tensor:
+    """``DecoderLayer.reduce`` without tensor parallelism: the layer's outputs are already whole."""
+    return x
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: SupernetConfig) -> None:
         super().__init__()
+        # Sums the row-parallel partial outputs of the mixer and of the MLP over tensor-parallel ranks (an
+        # all-reduce set by supernet.tensor_parallel.shard_layer); the identity on an unsharded layer.
+        self.reduce: Callable[[Tensor], Tensor] = no_reduce
         fa = config.fa
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -67,11 +75,11 @@ class DecoderLayer(nn.Module):
         mixer_io: list | None = None,
     ) -> Tensor:
         h = self.input_layernorm(x)
-        mixed = self.mix(h, names, ctx, states)
+        mixed = self.reduce(self.mix(h, names, ctx, states))
         if mixer_io is not None:
             mixer_io.append((h, mixed))
         x = x + mixed
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class SupernetForCausalLM(nn.Module):
