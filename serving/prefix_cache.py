@@ -131,7 +131,7 @@ class PrefixCache:
             return hit, None
         stops = []
         if any(m != "fa" for m in placement):
-            stops = [p for p in range(hit + 1, final) if p % self.interval == 0] + [final]
+            stops = [*range((hit // self.interval + 1) * self.interval, final, self.interval), final]
         return hit, Recording(hashes, final, stops)
 
     def _restore(self, entry: Entry, length: int, state: SequenceState) -> None:
