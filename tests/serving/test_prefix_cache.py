@@ -149,27 +149,31 @@ def test_server_reports_cached_tokens(tiny_model, tiny_tokenizer, tiny_dir):
     try:
         client = OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
-        def chat(question: str):
+        def chat(question: str, **kw):
             return client.chat.completions.create(
                 model="tiny",
                 messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
                 max_tokens=8,
                 temperature=0,
+                **kw,
             )
 
         first, second = chat(QUESTIONS[0]), chat(QUESTIONS[1])
+        chunks = list(chat(QUESTIONS[1], stream=True, stream_options={"include_usage": True}))
         metrics = httpx.get(srv.url + "/metrics").text
     finally:
         next(server, None)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached > 100 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    streamed = chunks[-1].usage  # the same prompt again, streamed: its last chunk's usage says the same
+    assert streamed.prompt_tokens_details.cached_tokens == (second.usage.prompt_tokens - 1) // 16 * 16
 
     def value(name: str) -> float:
         return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", metrics, re.M))
 
-    assert value("supernet_prefix_cache_hits_total") == cached
-    assert value("supernet_prefix_cache_queries_total") == first.usage.prompt_tokens + second.usage.prompt_tokens
+    assert value("supernet_prefix_cache_hits_total") == cached + streamed.prompt_tokens_details.cached_tokens
+    assert value("supernet_prefix_cache_queries_total") == first.usage.prompt_tokens + 2 * second.usage.prompt_tokens
     assert value("supernet_prefix_cache_blocks") > 0
 
 
