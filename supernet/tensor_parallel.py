@@ -178,8 +178,9 @@ def shard_layer(
     for module_name, module in layer.named_modules():
         for pname, param in list(module.named_parameters(recurse=False)):
             full_name = f"{module_name}.{pname}" if module_name else pname
-            local = shard_tensor(full_name, param.data, rank, world)
-            if local is not param.data:
+            data = param.data
+            local = shard_tensor(full_name, data, rank, world)
+            if local is not data:
                 setattr(module, pname, nn.Parameter(local, requires_grad=param.requires_grad))
         if isinstance(module, nn.Linear):  # callers split packed outputs by out_features
             module.out_features, module.in_features = module.weight.shape

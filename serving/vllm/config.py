@@ -23,6 +23,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from serving.presets import PresetError, PresetTable, load_presets, load_presets_file, table_from_specs
 from supernet.config import MODEL_TYPE, SupernetConfig
 from supernet.export import layer_mixers
+from supernet.tensor_parallel import check_tensor_parallel
 
 log = logging.getLogger("serving.vllm")
 
@@ -106,18 +107,18 @@ class SupernetVllmConfig(VerifyAndUpdateConfig):
       computed under different mixers (and GDN/KDA states have no per-block snapshots here).
     * The preset router (a logits processor, serving.vllm.router) is added so requests can pick a preset, and
       its worker extension so ``collective_rpc("set_default_preset", ...)`` switches the engine-wide default.
-    * Tensor parallelism is refused: the projections are not sharded (size 1 only). So is speculative decoding:
-      vLLM turns custom logits processors off with it, and the router is one.
+    * A tensor-parallel size the heads cannot be split into is refused here, naming the counts
+      (supernet.tensor_parallel; sizes above 1 are untested here). Speculative decoding is refused: vLLM turns
+      custom logits processors off with it, and the router is one.
     """
 
     @classmethod
     def verify_and_update_config(cls, vllm_config: Any) -> None:
         from serving.vllm import router
 
-        if vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise ValueError(
-                "the supernet vLLM plugin runs with tensor_parallel_size=1 only (its projections are not sharded)"
-            )
+        model_config = vllm_config.model_config
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        check_tensor_parallel(model_config.hf_config.supernet_config(), tp_size)
         if vllm_config.speculative_config is not None:
             raise ValueError(
                 "the supernet vLLM plugin routes presets through a logits processor, which vLLM disables with "
@@ -127,7 +128,6 @@ class SupernetVllmConfig(VerifyAndUpdateConfig):
         if cache.enable_prefix_caching:
             log.info("supernet: prefix caching disabled (KV must never be shared between presets)")
             cache.enable_prefix_caching = False
-        model_config = vllm_config.model_config
         procs = list(model_config.logits_processors or [])
         if router.ROUTER_FQCN not in procs and router.PresetRouter not in procs:
             procs.append(router.ROUTER_FQCN)

@@ -110,7 +110,9 @@ def current_step(num_tokens: int) -> Step | None:
 
 class SupernetMixer(nn.Module):
     """The token-mixing half of one decoder layer: the layer's mixers (weights owned by the model) plus a
-    cache per served mixer, dispatched per row through the ``supernet_mix`` op."""
+    cache per served mixer, dispatched per row through the ``supernet_mix`` op. Built after the model is cut
+    for tensor parallelism, so the caches take the mixers' local head counts; the op's output is then this
+    rank's partial sum, which the model all-reduces (``DecoderLayer.reduce``)."""
 
     layer: DecoderLayer  # set through __dict__ (not submodules: their weights are registered once, under the model)
     rotary: nn.Module

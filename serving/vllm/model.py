@@ -5,7 +5,13 @@ exactly the embedded engine's; mixers that no served preset uses are dropped bef
 holds only the ones its presets use). Token mixing runs through one ``SupernetMixer`` per layer
 (serving.vllm.layers), everything else (embeddings, norms, MLP, head) is the shared trunk run as-is.
 
-Tensor parallelism: not supported (size 1 only; the projections are plain ``nn.Linear``).
+The model is built and loaded on the CPU while it is constructed, cut into this tensor-parallel rank's slice
+(supernet.tensor_parallel: heads of every mixer, MLP columns; embeddings and head replicated) and only then
+moved to the device, so each GPU holds its slice alone; the caches registered afterwards see the local head
+counts. The row-parallel partial sums are added by vLLM's ``tensor_model_parallel_all_reduce`` after each
+layer's mixer and MLP (``DecoderLayer.reduce``). At size 1 the cut is a no-op and the reduce the identity;
+sizes above 1 are untested here (one CPU machine, no multi-process vLLM), the slicing itself is proven by
+tests/core/test_tensor_parallel.py.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 from vllm.config import VllmConfig
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 
 from serving.vllm.config import plugin_options, served_layer_mixers, served_presets
 from serving.vllm.layers import SupernetMixer
@@ -23,6 +34,7 @@ from serving.vllm.router import ROUTING
 from serving.vllm.weights import load_supernet_weights
 from supernet.config import MIXER_NAMES
 from supernet.model import SupernetForCausalLM
+from supernet.tensor_parallel import local_config, shard_model
 
 
 class HybridSupernetForCausalLM(nn.Module):
@@ -38,13 +50,19 @@ class HybridSupernetForCausalLM(nn.Module):
         num_layers = config.num_hidden_layers
         self.presets = served_presets(self.model_dir, num_layers, plugin_options(vllm_config))
         ROUTING.configure(self.presets)
-        self.net = SupernetForCausalLM(config)
+        device = torch.get_default_device()  # vLLM builds models under its target device
+        with torch.device("cpu"):
+            self.net = SupernetForCausalLM(config)
         self.layer_mixers = served_layer_mixers(self.presets, num_layers)
         self.decoder_layers = [self.net.layer(i) for i in range(num_layers)]  # typed views, not submodules
         for layer, keep in zip(self.decoder_layers, self.layer_mixers, strict=True):
             for name in MIXER_NAMES:
                 if name not in keep:
                     del layer.mixers[name]
+        load_supernet_weights(self.net, self.model_dir, self.layer_mixers)
+        world = get_tensor_model_parallel_world_size()
+        reduce = tensor_model_parallel_all_reduce if world > 1 else None
+        shard_model(self.net, get_tensor_model_parallel_rank(), world, reduce).to(device)
         root = f"{prefix}." if prefix else ""
         self.mixers = nn.ModuleList(
             SupernetMixer(layer, self.net.rotary, i, num_layers, keep, root, vllm_config.cache_config)
@@ -54,8 +72,10 @@ class HybridSupernetForCausalLM(nn.Module):
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...], ...]:
         """The larger of GDN's and KDA's state layout (they match for converted models): conv tail
-        [3 * heads * head_dim, kernel - 1] and recurrent state [heads, head_dim, head_dim]."""
-        config = vllm_config.model_config.hf_config.supernet_config()
+        [3 * heads * head_dim, kernel - 1] and recurrent state [heads, head_dim, head_dim], in this rank's heads."""
+        config = local_config(
+            vllm_config.model_config.hf_config.supernet_config(), vllm_config.parallel_config.tensor_parallel_size
+        )
         shapes = [
             ((3 * d.num_heads * d.head_dim, d.conv_kernel - 1), (d.num_heads, d.head_dim, d.head_dim))
             for d in (config.gdn, config.kda)
@@ -83,8 +103,8 @@ class HybridSupernetForCausalLM(nn.Module):
             inputs_embeds = self.embed_input_ids(input_ids)
         x = inputs_embeds
         for layer, mixer in zip(self.decoder_layers, self.mixers, strict=True):
-            x = x + mixer(layer.input_layernorm(x), positions)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.reduce(mixer(layer.input_layernorm(x), positions))
+            x = x + layer.reduce(layer.mlp(layer.post_attention_layernorm(x)))
         return self.net.norm(x)
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
@@ -92,5 +112,6 @@ class HybridSupernetForCausalLM(nn.Module):
         return hidden_states @ head.T
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
-        load_supernet_weights(self.net, self.model_dir, self.layer_mixers)
+        """Nothing left to do: the checkpoint was read while the model was built (before it was cut into this
+        rank's slice, see the module docstring); vLLM's own iterator is not consumed."""
         return {name for name, _ in self.named_parameters()}

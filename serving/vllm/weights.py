@@ -3,7 +3,8 @@
 The checkpoint is read with supernet.checkpoint.read_tensors (CRC-verified, the same reader the embedded engine
 uses), not vLLM's generic iterator, because a delta checkpoint names its teacher in ``config.base_model`` and the
 trunk must come from there first (in ``full`` mode the teacher's projections seed every mixer, which the
-checkpoint then overwrites).
+checkpoint then overwrites). The model is loaded whole, on the CPU, before tensor parallelism cuts it
+(serving.vllm.model), so the checkpoint's full shapes are checked as they are.
 """
 
 from __future__ import annotations
