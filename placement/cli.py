@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from supernet.device import DeviceOpt, DtypeOpt
+
 place = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -89,6 +91,8 @@ def eval_cmd(
     sources: SourcesOpt = "demo",
     threads: ThreadsOpt = 0,
     seed: int = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Score placements (results cached in the database; printed as JSON lines)."""
     from placement.pipeline import evaluate_placement, open_checkpoint
@@ -113,7 +117,7 @@ def eval_cmd(
         from supernet.presets import resolve_placement
 
         specs = [parse_placement(resolve_placement(p, model), layers) for p in placement]
-        opened = open_checkpoint(model)
+        opened = open_checkpoint(model, device, dtype)
     except (PlacementError, CheckpointError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     for spec in specs:
@@ -231,6 +235,8 @@ def search_cmd(
         str | None, typer.Option(help="a line for the report (e.g. where the checkpoint came from)")
     ] = None,
     seed: int = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Sample -> evaluate -> fit surrogate -> exact DP Pareto front -> measured presets, report and plot."""
     from placement.constraints import InfeasibleError
@@ -277,6 +283,8 @@ def search_cmd(
             kv_budget=kv_budget,
             max_cost=budget,
             measure_cpu=measure_cpu,
+            device=device,
+            dtype=dtype,
             command=command,
             sources=sources.split(","),
             note=note,

@@ -66,12 +66,17 @@ def combine(metrics: dict[str, float], weights: dict[str, float]) -> float:
 # ----------------------------------------------------------------------------------------------- metric math
 
 
+def _on(model, ids: torch.Tensor) -> torch.Tensor:
+    """Token ids on the model's device (the data sets are built on CPU)."""
+    return ids.to(model.embed_tokens.weight.device)
+
+
 @torch.inference_mode()
 def token_logprobs(model, ids: torch.Tensor, placement, batch_size: int = 4) -> torch.Tensor:
     """log p(ids[:, t] | ids[:, :t]) for t >= 1: [N, T-1] fp32."""
     out = []
     for i in range(0, ids.shape[0], batch_size):
-        chunk = ids[i : i + batch_size]
+        chunk = _on(model, ids[i : i + batch_size])
         logp = torch.log_softmax(model(chunk, placement).logits.float(), dim=-1)
         out.append(logp[:, :-1].gather(-1, chunk[:, 1:, None]).squeeze(-1))
     return torch.cat(out)
@@ -86,6 +91,7 @@ def trace_loglik(model, traces: TextSet, placement) -> tuple[float, dict]:
 @torch.inference_mode()
 def full_logprobs(model, ids: torch.Tensor, placement) -> list[torch.Tensor]:
     """Per row [T, V] fp32 log-probabilities (one row at a time bounds memory to one row's logits)."""
+    ids = _on(model, ids)
     return [torch.log_softmax(model(ids[i : i + 1], placement).logits[0].float(), dim=-1) for i in range(ids.shape[0])]
 
 
@@ -94,7 +100,7 @@ def kl_to_reference(model, text: TextSet, placement, reference: list[torch.Tenso
     """Mean over tokens of KL(reference || placement), scored from ``text.score_from`` on."""
     kls = []
     for i, ref in enumerate(reference):
-        logq = torch.log_softmax(model(text.ids[i : i + 1], placement).logits[0].float(), dim=-1)
+        logq = torch.log_softmax(model(_on(model, text.ids[i : i + 1]), placement).logits[0].float(), dim=-1)
         kl = (ref.exp() * (ref - logq)).sum(-1)[text.score_from - 1 :]
         kls.append(kl)
     per_row = [float(k.mean()) for k in kls]
@@ -109,6 +115,7 @@ def needle_scores(model, needles: NeedleSet, placement) -> tuple[float, float, d
         # The queries sit at the end: only those positions need the LM head (a 49k-word head over a whole
         # haystack would cost about a quarter of the forward pass).
         start = min(first for first, _ in spans) - 1
+        seq = _on(model, seq)
         logits = model(seq[None], placement, num_logits_to_keep=len(seq) - start).logits[0]
         logp = torch.log_softmax(logits.float(), dim=-1)
         for (first, end), depth in zip(spans, depths, strict=True):
@@ -136,7 +143,7 @@ def choice_accuracy(model, choices: ChoiceSet, placement) -> tuple[float, dict]:
     for context, options, answer in choices.items:
         scores = []
         for option in options:
-            ids = torch.tensor([context + option])
+            ids = _on(model, torch.tensor([context + option]))
             logp = torch.log_softmax(model(ids, placement).logits[0].float(), dim=-1)
             n = len(context)
             target = ids[0, n:]

@@ -50,15 +50,24 @@ def set_threads(threads: int = 0) -> int:
     return threads
 
 
-def open_checkpoint(model_dir: str | Path):
-    """(model, tokenizer, checkpoint hash)."""
+def open_checkpoint(model_dir: str | Path, device: str = "cpu", dtype: str = "auto"):
+    """(model, tokenizer, checkpoint key) with the model on ``device`` in ``dtype`` (supernet.device syntax).
+
+    The key names what the scores are scores of: the checkpoint's hash, plus ``@<device type>-<dtype>`` unless
+    fp32 on CPU (the reference numerics, and every result stored before the option existed), so results in
+    bf16 or on CUDA never mix with fp32 ones in the database."""
     from transformers import AutoTokenizer
 
     from supernet.checkpoint import load_supernet
+    from supernet.device import resolve
 
-    model = load_supernet(model_dir)
+    torch_device, torch_dtype = resolve(device, dtype)
+    model = load_supernet(model_dir, dtype=torch_dtype, device=torch_device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return model, tokenizer, checkpoint_hash(model_dir)
+    key = checkpoint_hash(model_dir)
+    if (torch_device.type, torch_dtype) != ("cpu", torch.float32):
+        key += f"@{torch_device.type}-{str(torch_dtype).removeprefix('torch.')}"
+    return model, tokenizer, key
 
 
 def cpu_name() -> str:
@@ -196,6 +205,8 @@ def search_pipeline(
     max_cost: float | None = None,
     sources: Sequence[str] = ("demo",),
     measure_cpu: bool = True,
+    device: str = "cpu",
+    dtype: str = "auto",
     command: str = "",
     progress: bool = True,
     note: str | None = None,
@@ -214,7 +225,10 @@ def search_pipeline(
     kind, _ = parse_cost_model_name(cost_model)
     if kind == "analytic":
         check_feasible(make_cost_model(cost_model, config, context, batch), constraints, max_cost)
-    model, tokenizer, ckpt = open_checkpoint(model_dir)
+    if device != "cpu" and (kind == "measured" or measure_cpu):
+        raise ValueError(f"--device {device}: the measured cost model and --measure-cpu time this CPU; "
+                         "use --cost-model analytic:<gpu> and --no-measure-cpu")
+    model, tokenizer, ckpt = open_checkpoint(model_dir, device, dtype)
     store = ResultStore(db or default_db_path())
     try:
         cm = make_cost_model(cost_model, config, context, batch, model=model, store=store, prefill_context=1024)

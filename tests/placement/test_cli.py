@@ -38,6 +38,8 @@ def run(*args):
         (["search", "--out", "OUT", "--allowed", "fa,any"], "--allowed lists 2 layer(s) but the model has 4"),
         (["search", "--out", "OUT", "--allowed", "fa,kimi2,any*2"], "unknown mixer 'kimi2'"),
         (["search", "--out", "OUT", "--kv-budget", "1KiB"], "no placement satisfies the constraints"),
+        (["eval", "--placement", "all-fa", "--device", "tpu"], "--device 'tpu'"),
+        (["eval", "--placement", "all-fa", "--dtype", "fp8"], "--dtype 'fp8'"),
         (["search", "--out", "OUT", "--kv-budget", "lots"], "--kv-budget 'lots'"),
         (["search", "--out", "OUT", "--quality", "ppl=1"], "unknown metric 'ppl'"),
         (["search", "--out", "OUT", "--cost-model", "guess"], "expected 'measured' or 'analytic:<gpu>'"),
@@ -90,3 +92,25 @@ def test_eval_prints_metrics_and_caches(tiny_ckpt, tmp_path, monkeypatch):
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0 and 0 <= rows[1]["needle_acc"] <= 1
     again = run(*args)  # served from the database: identical numbers
     assert [json.loads(line) for line in again.output.splitlines() if line.startswith("{")] == rows
+
+
+def test_eval_in_bf16_is_stored_apart_from_fp32(tiny_ckpt, tmp_path, monkeypatch):
+    """--dtype bf16 scores the placement in bf16 and stores it under its own key: the fp32 row in the same
+    database is neither reused for it nor overwritten by it."""
+    import json
+    import sqlite3
+
+    monkeypatch.setenv("SUPERNET_CACHE", str(tmp_path / "cache"))
+    db = tmp_path / "r.sqlite"
+    base = ["eval", "--model", tiny_ckpt, "--placement", "swa,gdn,kda,fa", "--metrics", "trace_loglik",
+            "--trace-length", 48, "--sources", "demo:shakespeare", "--db", db]
+    scores = {}
+    for dtype in ("fp32", "bf16"):
+        result = run(*base, "--dtype", dtype)
+        assert result.exit_code == 0, result.output
+        scores[dtype] = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert scores["fp32"]["trace_loglik"] != scores["bf16"]["trace_loglik"]
+    with sqlite3.connect(db) as con:
+        tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
+        keys = {r[0] for t in tables for r in con.execute(f"select * from {t}") if isinstance(r[0], str)}
+    assert any(k.endswith("@cpu-bfloat16") for k in keys) and any("@" not in k for k in keys)
