@@ -11,9 +11,11 @@ What users of vLLM's ``--enable-prefix-caching`` expect, on per-sequence states 
   depend only on the tokens before it, so an FA-only preset's entry serves every block-aligned prefix up to
   ``final`` (truncated). A fixed-size state cannot be truncated, so a preset with any SWA/GDN/KDA layer is served
   only at its snapshot points: every multiple of ``interval`` tokens (absolute, so prompts that share a prefix
-  share the points) and ``final``. The prefill pauses at those points (engine chunks end there) to copy the
-  fixed-size layers, which costs a few extra, shorter forwards on the first request; FA-only presets record at
-  the prompt's end and their chunking is unchanged.
+  share the points), ``final``, and the end of the longest block-aligned prefix the prompt shares with a cached
+  one (its branch point: the second request behind a shared system prompt snapshots the prompt's exact end, so
+  the third and later ones reuse all of it, not just up to a multiple of ``interval``). The prefill pauses at
+  those points (engine chunks end there) to copy the fixed-size layers, which costs a few extra, shorter
+  forwards; FA-only presets record at the prompt's end and their chunking is unchanged.
 * **Lookup**, at admission: the longest prefix of the prompt that has a cached state on the request's preset,
   at most ``len(prompt) - 1`` tokens so that one token is left to produce the first logits. Its state is
   *copied* into the new sequence's caches (FA keys truncated to that length, fixed-size layers cloned) and only
@@ -75,7 +77,8 @@ class Entry:
     kv: list[tuple[Tensor, Tensor] | None]  # per layer: FA keys/values [Hkv, final, D]; None for the others
     final: int  # FA positions held (a block multiple)
     snapshots: dict[int, list[LayerState]]  # length -> the fixed-size layers' states there; {} for FA-only
-    keys: list[bytes]  # the hashes it is indexed under
+    keys: list[bytes]  # the hashes it is indexed under (the lengths it can serve)
+    prompt: list[bytes]  # every block hash of its prompt up to ``final`` (branch points of later prompts)
     blocks: int
 
 
@@ -99,6 +102,7 @@ class PrefixCache:
         self.pool, self.layout, self.interval = pool, layout, interval
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.index: dict[bytes, dict[int, Entry]] = {}  # prefix hash -> entries that can serve it
+        self.seen: dict[bytes, int] = {}  # prefix hash -> entries whose prompt has it (servable or not)
         self._ids = itertools.count()
         self.stored = self.evicted = 0  # entries since start
         pool.reclaim = self.evict
@@ -131,7 +135,9 @@ class PrefixCache:
             return hit, None
         stops = []
         if any(m != "fa" for m in placement):
-            stops = [*range((hit // self.interval + 1) * self.interval, final, self.interval), final]
+            branch = next((d * bs for d in range(last, hit // bs, -1) if hashes[d - 1] in self.seen), hit)
+            points = range((hit // self.interval + 1) * self.interval, final, self.interval)
+            stops = sorted({*points, final} | ({branch} if branch > hit else set()))
         return hit, Recording(hashes, final, stops)
 
     def _restore(self, entry: Entry, length: int, state: SequenceState) -> None:
@@ -184,12 +190,14 @@ class PrefixCache:
         bs = self.layout.block_size
         depths = [p // bs for p in rec.snapshots] if fixed_only else range(1, rec.final // bs + 1)
         keys = [rec.hashes[d - 1] for d in depths]
-        entry = Entry(next(self._ids), kv, rec.final, rec.snapshots, keys, rec.blocks + fa_blocks)
+        entry = Entry(next(self._ids), kv, rec.final, rec.snapshots, keys, rec.hashes, rec.blocks + fa_blocks)
         rec.snapshots, rec.blocks = {}, 0
         self.entries[entry.id] = entry
         self.stored += 1
         for key in keys:
             self.index.setdefault(key, {})[entry.id] = entry
+        for key in entry.prompt:
+            self.seen[key] = self.seen.get(key, 0) + 1
 
     def discard(self, rec: Recording) -> None:
         """A recording that will not be stored (its request was preempted, aborted or failed mid-prompt)."""
@@ -208,6 +216,10 @@ class PrefixCache:
                 del found[entry.id]
                 if not found:
                     del self.index[key]
+            for key in entry.prompt:
+                self.seen[key] -= 1
+                if not self.seen[key]:
+                    del self.seen[key]
             self.pool.uncache(entry.blocks)
             freed += entry.blocks
             self.evicted += 1
