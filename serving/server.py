@@ -153,7 +153,6 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "auto") 
 def serve(model_dir: str | Path, options: ServeOptions | None = None) -> None:
     """Load the checkpoint and serve it until SIGINT/SIGTERM (which drain in-flight requests, then exit)."""
     import torch
-    import uvicorn
 
     opts = options or ServeOptions()
     logging.basicConfig(
@@ -196,10 +195,17 @@ def serve(model_dir: str | Path, options: ServeOptions | None = None) -> None:
         opts.host,
         opts.port,
     )
+    run_app(app, opts)
+
+
+def run_app(app, opts: ServeOptions) -> None:
+    """Serve ``app`` with uvicorn until SIGINT/SIGTERM (both backends)."""
+    import uvicorn
+
     uvicorn.run(
         app,
         host=opts.host,
         port=opts.port,
         log_level=opts.log_level,
-        timeout_graceful_shutdown=math.ceil(opts.shutdown_timeout),
+        timeout_graceful_shutdown=math.ceil(opts.shutdown_timeout),  # uvicorn takes whole seconds
     )

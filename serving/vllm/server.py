@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
-from serving.server import ServeError, ServeOptions, check_model_dir, default_model_name
+from serving.server import ServeError, ServeOptions, check_model_dir, default_model_name, run_app
 
 log = logging.getLogger("serving.vllm")
 
@@ -55,8 +54,6 @@ def build_vllm_app(model_dir: str | Path, options: ServeOptions, settings=None):
 
 def serve(model_dir: str | Path, options: ServeOptions | None = None, settings=None) -> None:
     """Load the checkpoint into vLLM and serve it until SIGINT/SIGTERM."""
-    import uvicorn
-
     opts = options or ServeOptions()
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_model_dir(model_dir)
@@ -69,10 +66,4 @@ def serve(model_dir: str | Path, options: ServeOptions | None = None, settings=N
         opts.host,
         opts.port,
     )
-    uvicorn.run(
-        app,
-        host=opts.host,
-        port=opts.port,
-        log_level=opts.log_level,
-        timeout_graceful_shutdown=math.ceil(opts.shutdown_timeout),  # uvicorn takes whole seconds
-    )
+    run_app(app, opts)
