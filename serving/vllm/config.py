@@ -108,8 +108,8 @@ class SupernetVllmConfig(VerifyAndUpdateConfig):
     * The preset router (a logits processor, serving.vllm.router) is added so requests can pick a preset, and
       its worker extension so ``collective_rpc("set_default_preset", ...)`` switches the engine-wide default.
     * A tensor-parallel size the heads cannot be split into is refused here, naming the counts
-      (supernet.tensor_parallel; sizes above 1 are untested here). Speculative decoding is refused: vLLM turns
-      custom logits processors off with it, and the router is one.
+      (supernet.tensor_parallel). Speculative decoding is refused: vLLM turns custom logits processors off
+      with it, and the router is one.
     """
 
     @classmethod

