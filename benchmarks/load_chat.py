@@ -1,6 +1,8 @@
 """N concurrent chats (official openai client, streaming) against a running server, all started at once.
 
-With no --max-tokens each chat may run to the end of the context, as a client that leaves max_tokens unset does.
+With no --max-tokens each chat may run to the end of the context, as a client that leaves max_tokens unset does
+(chats that ramble on can take an hour on a CPU: ``--deadline`` closes those still running after that many
+seconds and reports them as cut; the peak of what ran at once is already known by then).
 Reports how many sequences ran at once (the server's ``supernet_decode_batch_peak`` and the most
 ``supernet_requests_running`` seen while polling /metrics), latency and time to first token, and the
 preemptions and cache blocks from /metrics (docs/serving.md, Cache memory and preemption).
@@ -59,8 +61,13 @@ async def run(args) -> dict:
 
         poller = asyncio.create_task(poll())
         t0 = time.monotonic()
-        chats = (chat(client, model, i, args) for i in range(args.chats))
-        results = await asyncio.gather(*chats, return_exceptions=True)
+        tasks = [asyncio.create_task(chat(client, model, i, args)) for i in range(args.chats)]
+        _, pending = await asyncio.wait(tasks, timeout=args.deadline)
+        for task in pending:  # still generating at the deadline: closed by the client, reported as cut
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        results = [t.result() if not t.cancelled() and t.exception() is None else t.exception() for t in tasks
+                   if t not in pending]
         wall = time.monotonic() - t0
         done = True
         await poller
@@ -74,6 +81,7 @@ async def run(args) -> dict:
         "chats": args.chats,
         "max_tokens": args.max_tokens,
         "completed": len(ok),
+        "cut_at_deadline": len(pending),
         "errors": len(errors),
         "error_samples": errors[:3],
         "wall_s": round(wall, 2),
@@ -101,10 +109,12 @@ def main() -> None:
     ap.add_argument("--prompt", default="Tell me a short story about a lighthouse keeper.")
     ap.add_argument("--poll", type=float, default=0.05, help="seconds between /metrics polls")
     ap.add_argument("--api-key")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds; chats still generating then are closed and counted as cut (default: wait for all)")
     args = ap.parse_args()
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=2))
-    if report["errors"] or report["completed"] < args.chats:
+    if report["errors"] or report["completed"] + report["cut_at_deadline"] < args.chats:
         raise SystemExit(1)
 
 
