@@ -55,8 +55,9 @@ class Attention(Mixer):
     ) -> Tensor:
         b, t, _ = x.shape
         q, k, v = self.proj.qkv(x, base)
-        q = apply_rotary(q.view(b, t, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
-        k = apply_rotary(k.view(b, t, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        # q and k rotate as one tensor: half the small ops of two calls, which a decode step pays per layer
+        qk = torch.cat((q, k), dim=-1).view(b, t, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(qk, ctx.cos, ctx.sin).split([self.num_heads, self.num_kv_heads], dim=2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if states is None:
