@@ -86,6 +86,24 @@ def build_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def wait_until_healthy(proc, url: str, seconds: float = 90.0) -> None:
+    """Poll ``url``/health until the server process answers 200; fail with its output if it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out = proc.stdout.read() if proc.stdout is not None else ""
+            pytest.fail(f"server did not start:\n{out}")
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """The server's default on 2 cores (serving.server.default_threads); restored afterwards."""

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 from openai import OpenAI
 from typer.testing import CliRunner
 
-from tests.serving.conftest import free_port
+from tests.serving.conftest import free_port, wait_until_healthy
 
 PRESETS_YAML = """\
 default: hybrid
@@ -78,17 +77,7 @@ def served_process(tiny_dir, tmp_path_factory):
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{proc.stdout.read()}")
-        time.sleep(0.1)
+    wait_until_healthy(proc, url)
     yield proc, url
     if proc.poll() is None:
         proc.kill()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from serving.prefix_cache import block_hashes, root_hash
 from serving.sampling import SamplingParams
 from serving.types import GenerationRequest
 from tests.conftest import free_port
+from tests.serving.conftest import wait_until_healthy
 
 from .conftest import CORPUS, start_server
 
@@ -193,15 +193,7 @@ def test_no_enable_prefix_caching_flag(tiny_dir):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+        wait_until_healthy(proc, url)
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
         usages = [
