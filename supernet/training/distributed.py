@@ -44,15 +44,13 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK; gloo on CPU, nccl when every rank has a GPU."""
+    """torchrun sets WORLD_SIZE/RANK. Always gloo: the trainer keeps its tensors on the CPU (docs/training.md),
+    which nccl cannot reduce, even on a machine that has GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=TIMEOUT)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("gloo", timeout=TIMEOUT)
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
