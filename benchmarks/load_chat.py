@@ -66,8 +66,7 @@ async def run(args) -> dict:
         for task in pending:  # still generating at the deadline: closed by the client, reported as cut
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        results = [t.result() if not t.cancelled() and t.exception() is None else t.exception() for t in tasks
-                   if t not in pending]
+        results = [t.exception() or t.result() for t in tasks if t not in pending]
         wall = time.monotonic() - t0
         done = True
         await poller
