@@ -139,6 +139,21 @@ def time_round_robin(
     return times
 
 
+@torch.inference_mode()
+def print_profile(model: SupernetForCausalLM, name: str, states: list[SequenceState], top: int = 12) -> None:
+    """Where one decode step's CPU time goes: the aten ops with the most self time, and the op count (the
+    profiler's own overhead inflates small ops alike, so read it as shares, not as timings)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = torch.randint(0, model.config.vocab_size, (len(states), 1))
+    with reference_path() if name.endswith(REF) else nullcontext():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(tokens, states=states)
+    events = prof.key_averages()
+    print(f"# profile {name}: {sum(e.count for e in events)} ops in one step")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="supernet checkpoint (default: the demo)")
@@ -156,6 +171,7 @@ def main() -> None:
         action="store_true",
         help=f"also time every preset on the reference path (rows '<preset>{REF}'): the fast path's gain",
     )
+    ap.add_argument("--profile", action="store_true", help="also print each preset's top ops in one step")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -195,7 +211,7 @@ def main() -> None:
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
             batches = {
-                name: synthetic_states(model, placements[name], batch, context, args.steps + 2, gen)
+                name: synthetic_states(model, placements[name], batch, context, args.steps + 3, gen)
                 for name in names
             }
             floors = {
@@ -203,6 +219,9 @@ def main() -> None:
                 for name, states in batches.items()
             }
             times = time_round_robin(model, batches, args.steps)
+            if args.profile:
+                for name, states in batches.items():
+                    print_profile(model, name, states)
             del batches
             fa_ms = statistics.median(times["all-fa"]) * 1e3
             for name in names:

@@ -9,16 +9,20 @@ the same tokens and the comparison is like for like) through the engine's own de
 and speculative runs alternate for ``--rounds`` rounds; medians are reported. Acceptance rate = accepted /
 drafted tokens; tokens/step = tokens emitted per verify step.
 
-Draft choice (``--drafts``): for each target every candidate draft is scored by measured acceptance x
-measured speed -- its speculative speed-up at batch 1 on the largest context -- and the best one is kept
-for the full sweep. ``--write`` stores into the model's presets.yaml, per target: ``draft`` (that choice),
+Draft choice (``--drafts all``): for each target every preset faster than it (by the presets file's speed-up;
+a slower draft cannot pay) is scored by measured acceptance x measured speed -- its speculative speed-up at
+batch 1 on the largest context, over ``--select-rounds`` rounds -- and the best one is kept for the full sweep;
+a target with no faster preset (the fastest) is skipped. Prefilled caches are kept for the whole run, so each
+placement's prompt is prefilled once per context however many targets it drafts for.
+
+``--write`` stores into the model's presets.yaml, per target: ``draft`` (that choice),
 ``speculative_from_context`` (the smallest measured context from which speculation is >= --min-speedup at
 batch 1 and never slower at any measured batch, i.e. on by default only where it pays; omitted when nowhere)
 and ``speculative_measured`` (the rows behind it).
 
     python benchmarks/bench_spec_decode.py --model supernet/demo --contexts 1024,8192,32768 --batches 1,8 \\
-        --drafts all --write          # idle machine; ~1 h on 2 CPU cores and ~16 GB of RAM at 32k x 8
-    python benchmarks/bench_spec_decode.py --targets all-fa --drafts fast-5.5x --contexts 64 --batches 1,2 \\
+        --drafts all --write          # idle machine; over 1 h on 2 CPU cores, ~16 GB of RAM at 32k x 8
+    python benchmarks/bench_spec_decode.py --targets all-fa --drafts fast-17x --contexts 64 --batches 1,2 \\
         --new-tokens 8 --rounds 1     # a smoke run (a minute)
 """
 
@@ -116,6 +120,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--select-rounds", type=int, default=1, help="rounds per candidate when choosing a draft")
     ap.add_argument("--k", type=int, default=0, help="fixed k (0: the server's adaptive policy)")
     ap.add_argument("--min-speedup", type=float, default=1.05)
     ap.add_argument("--threads", type=int, default=2)
@@ -143,23 +148,28 @@ def main() -> None:
           f"{'speedup':>7} {'accept':>6} {'tok/step':>8}")
     rows: list[dict] = []
     by_target: dict[str, list[SpecMeasurement]] = {}
+    speed = {p.name: p.speedup or 1.0 for p in doc.presets}
+    states: dict[tuple[str, int], tuple] = {}  # (preset, context) -> prefilled (state, last logits), kept
+
+    def prefilled(name: str, ctx: int):
+        if (name, ctx) not in states:
+            states[(name, ctx)] = prefill(runner, placements[name], texts[:ctx], ctx + args.new_tokens + 8)
+        return states[(name, ctx)]
+
     for target in targets:
         entry = next(p for p in doc.presets if p.name == target)
         if args.drafts == "all":
-            candidates = [n for n in placements if n != target]
+            candidates = [n for n in placements if speed[n] > speed[target]]
+            if not candidates:
+                print(f"{target:>16} skipped: no preset is faster, so none can draft for it", flush=True)
+                continue
         else:
             candidates = [args.drafts or entry.draft or next(n for n in placements if n != target)]
-        states: dict[tuple[str, int], tuple] = {}
 
-        def prefilled(name: str, ctx: int, _states=states):
-            if (name, ctx) not in _states:
-                _states[(name, ctx)] = prefill(runner, placements[name], texts[:ctx], ctx + args.new_tokens + 8)
-            return _states[(name, ctx)]
-
-        def measure(draft: str, ctx: int, batch: int, target: str = target) -> dict:
+        def measure(draft: str, ctx: int, batch: int, target: str = target, rounds: int = args.rounds) -> dict:
             plan = DraftPlan(draft, placements[draft])
             plain, fast, usage = [], [], SpecUsage()
-            for _ in range(args.rounds):
+            for _ in range(rounds):
                 t, _ = decode(spec, prefilled(target, ctx), None, None, batch, args.new_tokens, target)
                 plain.append(t)
                 t, usage = decode(
@@ -179,7 +189,7 @@ def main() -> None:
             return row
 
         if len(candidates) > 1:  # acceptance x speed: the speed-up at batch 1 on the longest context
-            scored = [(measure(d, contexts[-1], 1), d) for d in candidates]
+            scored = [(measure(d, contexts[-1], 1, rounds=args.select_rounds), d) for d in candidates]
             rows += [r for r, _ in scored]
             candidates = [max(scored, key=lambda rd: rd[0]["speedup"])[1]]
         draft = candidates[0]
@@ -193,7 +203,10 @@ def main() -> None:
                         draft=draft,
                     )
                 )
-        states.clear()
+        later = targets[targets.index(target) + 1 :]
+        for key in list(states):  # free the caches no later target drafts from (at 32k: GBs each)
+            if key[0] != args.drafts and not any(speed[t] < speed[key[0]] for t in later):
+                del states[key]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.write:

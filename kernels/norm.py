@@ -44,10 +44,13 @@ def gated_rms_norm(
 
     The gate is applied before the final cast so the normalised values are not rounded twice.
     """
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
+    if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
+        y = F.rms_norm(x, x.shape[-1:], weight, eps)  # one fused call instead of five (see rms_norm)
+    else:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        if weight is not None:
+            y = y * weight.float()
     gf = gate.float()
     if activation in ("silu", "swish"):
         y = y * F.silu(gf)

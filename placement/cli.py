@@ -302,5 +302,40 @@ def search_cmd(
         typer.echo(f"report: {outputs.report_path}")
 
 
+@place.command("refresh")
+def refresh_cmd(
+    model: ModelOpt,
+    presets: Annotated[Path, typer.Option(help="presets.yaml written by `place search` (its placements are kept)")],
+    out: Annotated[Path | None, typer.Option(help="file to write (default: --presets itself)")] = None,
+    db: DbOpt = None,
+    trace_sequences: TraceSeqOpt = 4,
+    trace_length: TraceLenOpt = 128,
+    kl_sequences: Annotated[int, typer.Option(help="held-out sequences for KL")] = 4,
+    needle_lengths: NeedleOpt = "512,1024",
+    sources: SourcesOpt = "demo",
+    threads: ThreadsOpt = 0,
+    seed: int = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Re-measure every preset's quality on a retrained checkpoint (same placements, same evaluation)."""
+    from placement.refresh import refresh_presets
+    from supernet.checkpoint import CheckpointError
+    from supernet.placement import PlacementError
+    from supernet.presets import PresetsFileError
+
+    settings = _eval_settings(trace_sequences, trace_length, kl_sequences, needle_lengths, seed, None)
+    _set_threads(threads)
+    try:
+        document = refresh_presets(model, presets, out or presets, settings, db=db,
+                                   sources=tuple(sources.split(",")), device=device, dtype=dtype)
+    except (PresetsFileError, PlacementError, CheckpointError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    typer.echo(f"wrote {out or presets} ({len(document.presets)} presets re-measured on {model})")
+    for p in document.presets:
+        typer.echo(f"  {p.name:12} {p.speedup or 1.0:6.2f}x  quality {p.measured_quality or 0.0:+.4f}  "
+                   f"needles {p.needle_acc_by_length}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(place, name="place")

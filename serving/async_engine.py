@@ -111,7 +111,17 @@ class AsyncEngine:
             except Exception as err:  # never let one bad batch kill the server
                 log.exception("engine step failed")
                 outputs = engine.fail_all(f"internal engine error: {type(err).__name__}: {err}")
+            # One wake-up of the event loop per step, not one per sequence: each call_soon_threadsafe writes
+            # to the loop's self-pipe, and at batch 8 the loop's work competes with this thread for the GIL.
+            deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                    deliveries.setdefault(stream.loop, []).append((stream, out))
+            for loop, items in deliveries.items():
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)

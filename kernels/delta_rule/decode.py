@@ -5,8 +5,9 @@ states, so every decode step used to copy each state twice per layer (stack the 
 copy before the first in-place op) on top of the passes the math needs. A decode engine owns its states and
 moves them forward one token at a time; these functions do just that, in place, with the minimum passes:
 
-* ``conv_step_``: the short causal convolution of one token -- ``W`` multiply-adds against the stored inputs,
-  then the stored inputs shift by one (``W - 1`` column copies of ``[N, C]``);
+* ``conv_step_``: the short causal convolution of one token -- the stored inputs and the new one as one
+  ``[N, C, W]`` window, one multiply and one sum against the weights, then one copy shifts the state (four ops
+  whatever ``W``: a decode step pays them per layer, so their count matters more than their arithmetic);
 * ``delta_rule_step_``: decay the state (one read-write pass), read ``S^T q`` and ``S^T k`` together (one read
   pass: a ``[2, K] @ [K, V]`` matmul per head), and the rank-1 write ``S += k u^T`` (one read-write pass).
 
@@ -34,16 +35,9 @@ def conv_step_(x: Tensor, conv_state: Tensor, weight: Tensor, activation: str | 
     Returns:
         ``act(conv)`` as ``[N, C]`` fp32.
     """
-    w = weight.float()
-    width = w.shape[1]
-    xf = x.float()
-    y = xf * w[:, -1]
-    for i in range(width - 1):
-        y = torch.addcmul(y, conv_state[:, :, i].float(), w[:, i])
-    for i in range(width - 2):
-        conv_state[:, :, i].copy_(conv_state[:, :, i + 1])
-    if width > 1:
-        conv_state[:, :, width - 2].copy_(x)
+    window = torch.cat((conv_state, x.to(conv_state.dtype)[:, :, None]), dim=-1)  # [N, C, W], oldest first
+    y = (window.float() * weight.float()).sum(-1)
+    conv_state.copy_(window[:, :, 1:])  # one shift of the whole state, not W - 1 column copies
     if activation in ("silu", "swish"):
         return F.silu(y)
     if activation is None:
