@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from serving.sampling import SamplingParams, warped_probs
+from serving.sampling import SamplingParams, draw, warped_probs
 
 
 def draft_token(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[int, Tensor | None]:
@@ -29,7 +29,7 @@ def draft_token(logits: Tensor, params: SamplingParams, generator: torch.Generat
     if params.greedy:
         return int(logits.argmax()), None
     q = warped_probs(logits, params)
-    return int(torch.multinomial(q.to(generator.device), 1, generator=generator)), q
+    return draw(q, generator), q
 
 
 @dataclass
@@ -64,5 +64,5 @@ def verify(
         total = float(residual.sum())
         # p == q up to rounding leaves no residual mass; then a rejection has probability ~0 and p is the answer
         residual = residual / total if total > 0 else p[j]
-        return Verdict(drafts[:j] + [int(torch.multinomial(residual.to(generator.device), 1, generator=generator))], j)
-    return Verdict(drafts + [int(torch.multinomial(p[k].to(generator.device), 1, generator=generator))], k)
+        return Verdict(drafts[:j] + [draw(residual, generator)], j)
+    return Verdict(drafts + [draw(p[k], generator)], k)
