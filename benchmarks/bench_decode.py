@@ -3,9 +3,10 @@
 For each (context, batch) the caches are filled SYNTHETICALLY to the context length (random keys/values in FA
 and SWA caches, random fp32 recurrent states for GDN/KDA) instead of by a real prefill: a decode step reads
 the same bytes either way, and a real 32k-token prefill of 8 sequences would take most of an hour on this CPU.
-To fit 32k x batch 8 of all-FA (11 GB of fp32 KV) in RAM, the rows of a batch share one synthetic KV buffer
-per layer; every row still reads all of it each step (1.5 GB per row at 32k, far beyond any CPU cache), so the
-memory traffic is that of distinct caches.
+Every row has its own buffers, as in a server. Only when the FA caches of one (context, batch) would not fit
+``--max-kv-gib`` do the rows of a batch share one KV buffer per layer (column ``kv`` says ``shared``): each row
+still reads all of it, but a shared buffer small enough to stay in the CPU's caches (1k-8k tokens: 1.5-12 MB
+per layer) is read from cache by rows 2..B, so shared rows understate FA's batch cost there.
 
 Also printed: the bandwidth floor of each step = bytes the step must read (the weights it touches + every
 row's cache) / measured read bandwidth (torch sum over 1 GiB, same thread count), and step time / floor.
@@ -69,8 +70,10 @@ def synthetic_states(
     context: int,
     extra: int,
     gen: torch.Generator,
+    share_kv: bool = False,
 ) -> list[SequenceState]:
-    """``batch`` states at length ``context``; FA/SWA buffers shared across rows (see module docstring)."""
+    """``batch`` states at length ``context``; each row's FA buffers its own copy, or one buffer for every row
+    when ``share_kv`` (see the module docstring)."""
     template = model.new_state(placement)
     shared: list = []
     for layer in template.layers:
@@ -94,7 +97,8 @@ def synthetic_states(
         layers = []
         for layer, buf in zip(template.layers, shared, strict=True):
             if isinstance(layer, KVCache):
-                layers.append(KVCache(buf[0], buf[1], context))
+                k, v = (buf[0], buf[1]) if share_kv else (buf[0].clone(), buf[1].clone())
+                layers.append(KVCache(k, v, context))
             elif isinstance(layer, WindowKVCache):
                 layers.append(
                     WindowKVCache(buf[0].clone(), buf[1].clone(), buf[2].clone(), layer.sinks, layer.window)
@@ -109,6 +113,17 @@ def synthetic_states(
                 )
         states.append(SequenceState(placement, layers, context))
     return states
+
+
+def fa_cache_bytes(model: SupernetForCausalLM, placement: tuple[str, ...], batch: int, context: int) -> int:
+    """Bytes of the FA caches of ``batch`` rows at ``context`` (what sharing would save)."""
+    fa = model.config.fa
+    per_token = 2 * fa.num_kv_heads * fa.head_dim * model.embed_tokens.weight.element_size()
+    return batch * context * per_token * sum(name == "fa" for name in placement)
+
+
+def available_gib() -> float:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / (1 << 30)
 
 
 def cache_read_bytes(states: list[SequenceState]) -> int:
@@ -171,6 +186,13 @@ def main() -> None:
         action="store_true",
         help=f"also time every preset on the reference path (rows '<preset>{REF}'): the fast path's gain",
     )
+    ap.add_argument(
+        "--max-kv-gib",
+        type=float,
+        default=round(0.6 * available_gib(), 1),
+        help="FA cache bytes one (context, batch) may allocate before its rows share buffers "
+        "(default: 60%% of the memory available at start)",
+    )
     ap.add_argument("--profile", action="store_true", help="also print each preset's top ops in one step")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -204,14 +226,16 @@ def main() -> None:
     )
     print(
         f"{'preset':<18} {'ctx':>6} {'B':>3} {'step ms':>9} {'tok/s':>8} {'vs FA':>7} {'floor ms':>9} "
-        f"{'x floor':>8}"
+        f"{'x floor':>8} {'kv':>6}"
     )
     gen = torch.Generator().manual_seed(0)
     results = []
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
+            kv_gib = sum(fa_cache_bytes(model, placements[name], batch, context) for name in names) / (1 << 30)
+            share = batch > 1 and kv_gib > args.max_kv_gib
             batches = {
-                name: synthetic_states(model, placements[name], batch, context, args.steps + 3, gen)
+                name: synthetic_states(model, placements[name], batch, context, args.steps + 3, gen, share)
                 for name in names
             }
             floors = {
@@ -236,11 +260,12 @@ def main() -> None:
                     "speedup_vs_fa": round(fa_ms / ms, 2),
                     "floor_ms": round(floor_ms, 2),
                     "x_floor": round(ms / floor_ms, 2),
+                    "kv": "shared" if share else "own",
                 }
                 results.append(row)
                 print(
                     f"{name:<18} {context:>6} {batch:>3} {ms:>9.1f} {row['tokens_per_s']:>8.1f} "
-                    f"{row['speedup_vs_fa']:>6.2f}x {floor_ms:>9.1f} {row['x_floor']:>7.2f}x",
+                    f"{row['speedup_vs_fa']:>6.2f}x {floor_ms:>9.1f} {row['x_floor']:>7.2f}x {row['kv']:>6}",
                     flush=True,
                 )
     print(f"# load average at the end: {os.getloadavg()[0]:.1f} (other jobs share these cores)")
