@@ -1,10 +1,12 @@
-"""The decode fast path (packed weights, in-place GDN/KDA steps) against the reference path, step by step."""
+"""The fast paths (packed weights, in-place GDN/KDA steps) against the reference path: decode step by step, and
+prefill/scoring, which take the packed weights under inference mode."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from supernet.cache import KVCache
 from supernet.fastpath import reference_path
 from tests.core.helpers import perturbed
 
@@ -75,3 +77,30 @@ def test_changing_batches_and_clones_stay_exact(model) -> None:
         step([0, 2, 1], 4)  # row 1 back, in another order
         step([3, 0, 1, 2], 5)  # the fork joins
         step([3, 0, 1, 2], 6)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_inference_mode_prefill_and_scoring_equal_the_reference(model, placement: str) -> None:
+    """Under inference mode prompt-sized products take the packed weights too (kernels/linear.py): whole-
+    sequence logits and a chunked prefill's states equal the reference path's to fp32 rounding."""
+    gen = torch.Generator().manual_seed(13)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=gen)
+    with torch.inference_mode():
+        got = model(ids, placement).logits
+        fast = model.new_state(placement)
+        for start in range(0, 40, 16):
+            fast_logits = model(ids[:1, start : start + 16], states=[fast]).logits
+        with reference_path():
+            want = model(ids, placement).logits
+            ref = model.new_state(placement)
+            for start in range(0, 40, 16):
+                ref_logits = model(ids[:1, start : start + 16], states=[ref]).logits
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=0)
+    torch.testing.assert_close(fast_logits, ref_logits, atol=5e-5, rtol=0)
+    for la, lb in zip(fast.layers, ref.layers, strict=True):
+        if isinstance(la, KVCache):  # beyond ``length`` the buffers are unwritten capacity
+            la = KVCache(la.k[:, : la.length], la.v[:, : la.length])
+            lb = KVCache(lb.k[:, : lb.length], lb.v[:, : lb.length])
+        for name in ("recurrent", "conv", "k", "v"):
+            if hasattr(la, name):
+                torch.testing.assert_close(getattr(la, name), getattr(lb, name), atol=5e-5, rtol=0)

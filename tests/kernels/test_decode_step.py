@@ -64,4 +64,10 @@ def test_fused_linear_equals_separate_linears_and_follows_weight_updates() -> No
         finally:
             set_packed_enabled(previous)
     assert not use_packed(x.requires_grad_())  # autograd never takes the packed path
-    assert not use_packed(torch.randn(1, 64, 576))  # nor prefill-sized calls
+    prompt = torch.randn(2, 300, 576, generator=gen)
+    with torch.no_grad():
+        assert not use_packed(prompt)  # prefill-sized calls in a plain no_grad block (training) stay on F.linear
+    with torch.inference_mode():  # ... and take it in inference mode (engine, evaluation), equal to F.linear
+        assert use_packed(prompt) == torch.backends.mkldnn.is_available()
+        ref = torch.cat([F.linear(prompt, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
+        torch.testing.assert_close(fused_linear(prompt, owner, "wb", weights, biases), ref, atol=1e-4, rtol=1e-5)
