@@ -18,7 +18,9 @@ placement's prompt is prefilled once per context however many targets it drafts 
 ``--write`` stores into the model's presets.yaml, per target: ``draft`` (that choice),
 ``speculative_from_context`` (the smallest measured context from which speculation is >= --min-speedup at
 batch 1 and never slower at any measured batch, i.e. on by default only where it pays; omitted when nowhere)
-and ``speculative_measured`` (the rows behind it).
+and ``speculative_measured`` (the rows behind it). ``--json`` is rewritten after every row, so a run stopped
+part-way keeps what it measured; ``--write-from ROWS.json`` writes presets.yaml from such a file without
+measuring anything.
 
     python benchmarks/bench_spec_decode.py --model supernet/demo --contexts 1024,8192,32768 --batches 1,8 \\
         --drafts all --write          # idle machine; over 1 h on 2 CPU cores, ~16 GB of RAM at 32k x 8
@@ -42,6 +44,7 @@ from serving.sampling import SamplingParams, make_generator, sample
 from serving.spec_decode import SpeculativeDecoder
 from serving.spec_policy import DraftPlan, SpecConfig
 from serving.types import GenerationRequest, SpecUsage
+from supernet.atomic import atomic_write
 from supernet.cache import SequenceState
 from supernet.presets import PRESETS_FILE, SpecMeasurement, read_presets, write_presets
 
@@ -125,14 +128,18 @@ def main() -> None:
     ap.add_argument("--min-speedup", type=float, default=1.05)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="store drafts and on/off contexts in presets.yaml")
-    ap.add_argument("--json", type=Path, default=None, help="also write every row here")
+    ap.add_argument("--json", type=Path, default=None, help="also write every row here (after each row)")
+    ap.add_argument("--write-from", type=Path, default=None, help="write presets.yaml from this rows file; no runs")
     args = ap.parse_args()
 
     import supernet
     from serving.server import load_model
 
-    torch.set_num_threads(args.threads)
     model_dir = Path(args.model or supernet.DEMO_DIR)
+    if args.write_from:
+        write_presets_from(model_dir, json.loads(args.write_from.read_text()), args.min_speedup)
+        return
+    torch.set_num_threads(args.threads)
     model, tokenizer = load_model(model_dir)
     doc = read_presets(model_dir / PRESETS_FILE)
     placements = {p.name: model.placement(p.placement) for p in doc.presets}
@@ -147,7 +154,6 @@ def main() -> None:
     print(f"{'target':>16} {'draft':>16} {'ctx':>6} {'b':>2} {'plain tok/s':>11} {'spec tok/s':>10} "
           f"{'speedup':>7} {'accept':>6} {'tok/step':>8}")
     rows: list[dict] = []
-    by_target: dict[str, list[SpecMeasurement]] = {}
     speed = {p.name: p.speedup or 1.0 for p in doc.presets}
     states: dict[tuple[str, int], tuple] = {}  # (preset, context) -> prefilled (state, last logits), kept
 
@@ -186,44 +192,56 @@ def main() -> None:
             print(f"{target:>16} {draft:>16} {ctx:>6} {batch:>2} {row['plain_tok_s']:>11.2f} "
                   f"{row['spec_tok_s']:>10.2f} {row['speedup']:>7.2f} {row['acceptance']:>6.2f} "
                   f"{row['tokens_per_step']:>8.2f}", flush=True)
+            rows.append(row)
+            if args.json:
+                atomic_write(args.json, json.dumps(rows, indent=1))
             return row
 
         if len(candidates) > 1:  # acceptance x speed: the speed-up at batch 1 on the longest context
             scored = [(measure(d, contexts[-1], 1, rounds=args.select_rounds), d) for d in candidates]
-            rows += [r for r, _ in scored]
+            for row, _ in scored:
+                row["selection"] = True
             candidates = [max(scored, key=lambda rd: rd[0]["speedup"])[1]]
         draft = candidates[0]
         for ctx in contexts:
             for batch in batches:
-                rows.append(row := measure(draft, ctx, batch))
-                by_target.setdefault(target, []).append(
-                    SpecMeasurement(
-                        context=ctx, batch=batch, speedup=round(row["speedup"], 3),
-                        acceptance=round(row["acceptance"], 3), tokens_per_step=round(row["tokens_per_step"], 3),
-                        draft=draft,
-                    )
-                )
+                measure(draft, ctx, batch)
         later = targets[targets.index(target) + 1 :]
         for key in list(states):  # free the caches no later target drafts from (at 32k: GBs each)
             if key[0] != args.drafts and not any(speed[t] < speed[key[0]] for t in later):
                 del states[key]
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        atomic_write(args.json, json.dumps(rows, indent=1))
     if args.write:
-        for entry in doc.presets:
-            if entry.name in by_target:
-                measured = by_target[entry.name]
-                entry.draft = measured[0].draft
-                entry.speculative_measured = measured
-                entry.speculative_from_context = on_from_context(measured, args.min_speedup)
-        path = model_dir / PRESETS_FILE
-        header = "\n".join(
-            line.removeprefix("#").removeprefix(" ")
-            for line in path.read_text().splitlines()
-            if line.startswith("#")
-        )
-        write_presets(path, doc, header=header)
-        print(f"wrote drafts and speculative_from_context to {path}")
+        write_presets_from(model_dir, rows, args.min_speedup)
+
+
+def write_presets_from(model_dir: Path, rows: list[dict], min_speedup: float) -> None:
+    """Store each measured target's draft, on/off context and sweep rows (not the selection rows) in the
+    model's presets.yaml."""
+    by_target: dict[str, list[SpecMeasurement]] = {}
+    for row in rows:
+        if not row.get("selection"):
+            by_target.setdefault(row["target"], []).append(
+                SpecMeasurement(
+                    context=row["context"], batch=row["batch"], speedup=round(row["speedup"], 3),
+                    acceptance=round(row["acceptance"], 3), tokens_per_step=round(row["tokens_per_step"], 3),
+                    draft=row["draft"],
+                )
+            )
+    path = model_dir / PRESETS_FILE
+    doc = read_presets(path)
+    for entry in doc.presets:
+        if entry.name in by_target:
+            measured = by_target[entry.name]
+            entry.draft = measured[0].draft
+            entry.speculative_measured = measured
+            entry.speculative_from_context = on_from_context(measured, min_speedup)
+    header = "\n".join(
+        line.removeprefix("#").removeprefix(" ") for line in path.read_text().splitlines() if line.startswith("#")
+    )
+    write_presets(path, doc, header=header)
+    print(f"wrote drafts and speculative_from_context of {len(by_target)} target(s) to {path}")
 
 
 def on_from_context(measured: list[SpecMeasurement], min_speedup: float) -> int | None:
