@@ -4,7 +4,7 @@ A decode step multiplies a handful of rows (one per running sequence) by every w
 it is bound by reading the weights. Through ``F.linear`` (MKL, row-major ``[out, in]`` weights) one CPU thread
 streams them at well under half the memory bandwidth at 1 row, and at 8 rows it is worse still. oneDNN's
 blocked layout -- what inductor's CPU ``freezing`` pass prepacks weights into -- measured 1.7x faster at one row
-and 2.2x at 8 rows here (benchmarks/bench_kernels.py ``--linear``). Several projections that read the same
+and 2.2x at 8 rows here (benchmarks/bench_linear.py). Several projections that read the same
 input can also be packed as one matrix (q/k/v, the MLP's gate/up), so each step issues fewer, larger calls,
 and a packed copy may be any function of the weights (``derived_linear``): the LoRA mixers' decode copies have
 their low-rank deltas merged in, so they read the teacher's bytes in one call instead of three.
