@@ -75,12 +75,13 @@ def synthetic_states(
     """``batch`` states at length ``context``; each row's FA buffers its own copy, or one buffer for every row
     when ``share_kv`` (see the module docstring)."""
     template = model.new_state(placement)
+    dtype = model.embed_tokens.weight.dtype  # caches follow the model's dtype (recurrent states stay fp32)
     shared: list = []
     for layer in template.layers:
         if isinstance(layer, KVCache):
             h, _, d = layer.k.shape
-            k = torch.randn(h, context + extra, d, generator=gen)
-            shared.append((k, torch.randn(h, context + extra, d, generator=gen)))
+            k = torch.randn(h, context + extra, d, generator=gen).to(dtype)
+            shared.append((k, torch.randn(h, context + extra, d, generator=gen).to(dtype)))
         elif isinstance(layer, WindowKVCache):
             slots = layer.k.shape[1]
             pos = torch.full((slots,), -1, dtype=torch.long)
@@ -88,7 +89,8 @@ def synthetic_states(
             for p in range(max(layer.sinks, context - layer.window), context):
                 pos[layer.sinks + (p - layer.sinks) % layer.window] = p
             shared.append(
-                (torch.randn(layer.k.shape, generator=gen), torch.randn(layer.v.shape, generator=gen), pos)
+                (torch.randn(layer.k.shape, generator=gen).to(dtype),
+                 torch.randn(layer.v.shape, generator=gen).to(dtype), pos)
             )
         else:
             shared.append(None)
@@ -107,7 +109,7 @@ def synthetic_states(
                 assert isinstance(layer, DeltaState)
                 layers.append(
                     DeltaState(
-                        torch.randn(layer.conv.shape, generator=gen),
+                        torch.randn(layer.conv.shape, generator=gen).to(dtype),
                         torch.randn(layer.recurrent.shape, generator=gen) * 0.05,
                     )
                 )
@@ -181,6 +183,7 @@ def main() -> None:
         "--steps", type=int, default=7, help="timed decode steps per configuration (median reported)"
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="the model's dtype: auto (float32 on CPU), bf16, fp32")
     ap.add_argument(
         "--compare-reference",
         action="store_true",
@@ -203,7 +206,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model_dir = args.model or supernet.DEMO_DIR
-    model, _ = load_model(model_dir)
+    model, _ = load_model(model_dir, dtype=args.dtype)
     n = model.config.num_hidden_layers
     table = load_presets(model_dir, n)
     if args.presets:
@@ -221,8 +224,8 @@ def main() -> None:
         names = [n for name in names for n in (name, name + REF)]
     bandwidth = measure_bandwidth()
     print(
-        f"# {model_dir}: {n} layers, threads={args.threads}, read bandwidth {bandwidth / 1e9:.1f} GB/s; "
-        "caches filled synthetically (see --help)"
+        f"# {model_dir}: {n} layers, {model.embed_tokens.weight.dtype}, threads={args.threads}, "
+        f"read bandwidth {bandwidth / 1e9:.1f} GB/s; caches filled synthetically (see --help)"
     )
     print(
         f"{'preset':<18} {'ctx':>6} {'B':>3} {'step ms':>9} {'tok/s':>8} {'vs FA':>7} {'floor ms':>9} "

@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30, help="distinct copies of each weight")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
 
     from kernels.linear import PACK_ROWS_HINT, packed_available
@@ -35,15 +36,16 @@ def main() -> None:
         raise SystemExit("this torch build has no oneDNN packed linear (torch.ops.mkldnn._reorder_linear_weight)")
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(shape, generator=gen) * 0.02 for _ in range(args.layers) for shape in SHAPES]
+    dtype = getattr(torch, args.dtype)
+    weights = [(torch.randn(shape, generator=gen) * 0.02).to(dtype) for _ in range(args.layers) for shape in SHAPES]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in weights]
-    nbytes = sum(w.numel() * 4 for w in weights)
-    print(f"# {len(weights)} weights, {nbytes / 2**20:.0f} MiB fp32; threads={args.threads}; "
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    print(f"# {len(weights)} weights, {nbytes / 2**20:.0f} MiB {args.dtype}; threads={args.threads}; "
           f"medians of {args.repeats}")
     print(f"{'rows':>5} {'F.linear GB/s':>13} {'packed GB/s':>11} {'F.linear GFLOP/s':>16} "
           f"{'packed GFLOP/s':>14} {'packed/F.linear':>15}")
     for rows in map(int, args.rows.split(",")):
-        inputs = {w.shape[1]: torch.randn(rows, w.shape[1], generator=gen) for w in weights}
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1], generator=gen).to(dtype) for w in weights}
 
         def plain(inputs: dict = inputs) -> None:
             for w in weights:
@@ -61,7 +63,7 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - t0)
         t_plain, t_packed = statistics.median(times["plain"]), statistics.median(times["packed"])
-        flops = 2 * rows * nbytes / 4
+        flops = 2 * rows * sum(w.numel() for w in weights)
         print(f"{rows:>5} {nbytes / t_plain / 1e9:>13.1f} {nbytes / t_packed / 1e9:>11.1f} "
               f"{flops / t_plain / 1e9:>16.0f} {flops / t_packed / 1e9:>14.0f} {t_plain / t_packed:>14.2f}x")
 

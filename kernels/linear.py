@@ -18,8 +18,9 @@ Prefill and scoring gain too: at 64-1,024 rows oneDNN's packed fp32 product ran 
 here against ~100 for ``F.linear`` (MKL), so under ``torch.inference_mode`` (the engine, evaluation, placement
 measurement) every product takes the packed path whatever its size. A plain ``no_grad`` block takes it only for
 decode-sized inputs: that is where training validates weights that change between calls, and repacking them
-for one pass would cost more than it saves. With autograd on, or an input that is not fp32 on CPU, this is
-plain ``F.linear``; ``supernet.fastpath.reference_path()`` turns the packed path off for reference numerics.
+for one pass would cost more than it saves. With autograd on, or an input that is not fp32 (or bf16, see
+``PACKED_DTYPES``) on CPU, this is plain ``F.linear``; ``supernet.fastpath.reference_path()`` turns the packed
+path off for reference numerics.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def packed_available() -> bool:
 
 
 _AVAILABLE = packed_available()
+# dtypes the packed path serves: fp32, and bf16 where oneDNN has bf16 kernels (AVX512-BF16 / AMX CPUs). A bf16
+# model reads half the weight bytes per decode step; through ``F.linear`` bf16 products ran at ~10 GB/s here,
+# slower than fp32's packed path, while packed bf16 streams at the fp32 rate (benchmarks/bench_linear.py).
+PACKED_DTYPES = (torch.float32, torch.bfloat16) if _AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+    else (torch.float32,)
 _ENABLED = [True]  # switched off by supernet.fastpath.reference_path() to run the plain path side by side
 
 
@@ -72,13 +78,14 @@ def _key(tensors: Sequence[Tensor | None]) -> tuple:
 
 
 def use_packed(x: Tensor) -> bool:
-    """Whether a linear layer applied to ``x`` takes the packed path (fp32 weights assumed; see module doc)."""
+    """Whether a linear layer applied to ``x`` takes the packed path (weights of ``x``'s dtype assumed; see the
+    module docstring)."""
     if not (
         _AVAILABLE
         and _ENABLED[0]
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in PACKED_DTYPES
         and x.dim() >= 2
     ):
         return False
@@ -92,7 +99,7 @@ def linear(
 ) -> Tensor:
     """``F.linear(x, weight, bias)``; packed when ``use_packed(x)`` and an ``owner`` module holds the cache
     (under ``name``)."""
-    if owner is None or weight.numel() < PACK_MIN_NUMEL or weight.dtype != torch.float32 or not use_packed(x):
+    if owner is None or weight.numel() < PACK_MIN_NUMEL or weight.dtype != x.dtype or not use_packed(x):
         return F.linear(x, weight, bias)
     return fused_linear(x, owner, name, [weight], [bias])
 
@@ -133,7 +140,7 @@ def derived_linear(
     def build() -> tuple[Tensor, Tensor | None]:
         w, bias = make()
         w = w.detach().contiguous()
-        if _AVAILABLE and w.dtype == torch.float32 and w.numel() >= PACK_MIN_NUMEL:
+        if w.dtype in PACKED_DTYPES and w.numel() >= PACK_MIN_NUMEL:
             w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
         return w, None if bias is None else bias.detach()
 

@@ -5,8 +5,10 @@ allocate on the model's device: KV caches in the model's dtype, GDN/KDA recurren
 flash-linear-attention kernels (kernels/fla.py, when importable) run on the GPU; that path is untested on the
 CPU-only machines this project is developed on.
 
-``auto`` dtype means float32 on CPU (exact reference numerics; bf16 matmuls on CPUs without AMX are slower than
-fp32) and bfloat16 on CUDA (what GPUs serve in).
+``auto`` dtype means float32 on CPU (exact reference numerics, what the tests pin) and bfloat16 on CUDA (what
+GPUs serve in). ``--dtype bf16`` on a CPU whose oneDNN has bf16 kernels (AVX512-BF16 or AMX) decodes faster:
+the linear layers run on packed bf16 weights, half the bytes (kernels/linear.py; docs/benchmarks.md has the
+side-by-side figures of ``benchmarks/bench_decode.py --dtype``); GDN/KDA recurrent states stay fp32.
 """
 
 from __future__ import annotations

@@ -71,3 +71,20 @@ def test_fused_linear_equals_separate_linears_and_follows_weight_updates() -> No
         assert use_packed(prompt) == torch.backends.mkldnn.is_available()
         ref = torch.cat([F.linear(prompt, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
         torch.testing.assert_close(fused_linear(prompt, owner, "wb", weights, biases), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_bf16_takes_the_packed_path_where_onednn_has_bf16() -> None:
+    """A bf16 model's decode products run on packed bf16 weights (half the bytes of fp32) where oneDNN supports
+    bf16, and equal the fp32 product to bf16 rounding."""
+    from kernels.linear import PACKED_DTYPES, linear
+
+    owner = torch.nn.Module()
+    gen = torch.Generator().manual_seed(4)
+    weight, x = torch.randn(512, 576, generator=gen) / 24, torch.randn(3, 1, 576, generator=gen)
+    with torch.inference_mode():
+        xb, wb = x.bfloat16(), weight.bfloat16()
+        assert use_packed(xb) == (torch.bfloat16 in PACKED_DTYPES)
+        got = linear(xb, wb, None, owner)
+        assert got.dtype is torch.bfloat16
+        assert ("weight" in owner.__dict__.get("_derived_weights", {})) == (torch.bfloat16 in PACKED_DTYPES)
+        torch.testing.assert_close(got.float(), F.linear(x, weight), atol=0.05, rtol=0.02)
