@@ -134,17 +134,17 @@ def cache_read_bytes(states: list[SequenceState]) -> int:
 
 @torch.inference_mode()
 def time_round_robin(
-    model: SupernetForCausalLM, batches: dict[str, list[SequenceState]], steps: int
+    models: dict[str, SupernetForCausalLM], batches: dict[str, list[SequenceState]], steps: int
 ) -> dict[str, list[float]]:
     """Time decode steps of every preset in turn (step 1 of each, then step 2 of each, ...): on a shared,
     noisy machine the load drifts over minutes, and interleaving exposes every preset to the same drift."""
     tokens = {
-        name: torch.randint(0, model.config.vocab_size, (len(states), 1)) for name, states in batches.items()
+        name: torch.randint(0, models[name].config.vocab_size, (len(states), 1)) for name, states in batches.items()
     }
     def step(name: str, states: list[SequenceState]) -> float:
         with reference_path() if name.endswith(REF) else nullcontext():
             t0 = time.perf_counter()
-            model(tokens[name], states=states)
+            models[name](tokens[name], states=states)
             return time.perf_counter() - t0
 
     for name, states in batches.items():
@@ -185,6 +185,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto", help="the model's dtype: auto (float32 on CPU), bf16, fp32")
     ap.add_argument(
+        "--compare-dtype",
+        help="also time every preset on a copy of the model in this dtype (rows '<preset>@<dtype>'), same run",
+    )
+    ap.add_argument(
         "--compare-reference",
         action="store_true",
         help=f"also time every preset on the reference path (rows '<preset>{REF}'): the fast path's gain",
@@ -219,9 +223,17 @@ def main() -> None:
     placements = {
         name: model.placement("all-fa" if name == "all-fa" else table.get(name).spec) for name in names
     }
+    models = dict.fromkeys(names, model)
     if args.compare_reference:
         placements.update({name + REF: placements[name] for name in names})
+        models.update({name + REF: model for name in names})
         names = [n for name in names for n in (name, name + REF)]
+    if args.compare_dtype:
+        other, _ = load_model(model_dir, dtype=args.compare_dtype)
+        tag = f"@{args.compare_dtype}"
+        placements.update({name + tag: placements[name] for name in names})
+        models.update({name + tag: other for name in names})
+        names = [n for name in names for n in (name, name + tag)]
     bandwidth = measure_bandwidth()
     print(
         f"# {model_dir}: {n} layers, {model.embed_tokens.weight.dtype}, threads={args.threads}, "
@@ -235,20 +247,20 @@ def main() -> None:
     results = []
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
-            kv_gib = sum(fa_cache_bytes(model, placements[name], batch, context) for name in names) / (1 << 30)
-            share = batch > 1 and kv_gib > args.max_kv_gib
+            kv_bytes = sum(fa_cache_bytes(models[name], placements[name], batch, context) for name in names)
+            share = batch > 1 and kv_bytes / (1 << 30) > args.max_kv_gib
             batches = {
-                name: synthetic_states(model, placements[name], batch, context, args.steps + 3, gen, share)
+                name: synthetic_states(models[name], placements[name], batch, context, args.steps + 3, gen, share)
                 for name in names
             }
             floors = {
-                name: weight_bytes(model, [placements[name]]) + cache_read_bytes(states)
+                name: weight_bytes(models[name], [placements[name]]) + cache_read_bytes(states)
                 for name, states in batches.items()
             }
-            times = time_round_robin(model, batches, args.steps)
+            times = time_round_robin(models, batches, args.steps)
             if args.profile:
                 for name, states in batches.items():
-                    print_profile(model, name, states)
+                    print_profile(models[name], name, states)
             del batches
             fa_ms = statistics.median(times["all-fa"]) * 1e3
             for name in names:
