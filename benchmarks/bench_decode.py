@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from supernet.cache import DeltaState, KVCache, SequenceState, WindowKVCache
+from supernet.cache import DeltaState, KVCache, SequenceState, WindowKVCache, layer_state_bytes
 from supernet.fastpath import reference_path
 from supernet.model import SupernetForCausalLM
 
@@ -119,9 +119,8 @@ def synthetic_states(
 
 def fa_cache_bytes(model: SupernetForCausalLM, placement: tuple[str, ...], batch: int, context: int) -> int:
     """Bytes of the FA caches of ``batch`` rows at ``context`` (what sharing would save)."""
-    fa = model.config.fa
-    per_token = 2 * fa.num_kv_heads * fa.head_dim * model.embed_tokens.weight.element_size()
-    return batch * context * per_token * sum(name == "fa" for name in placement)
+    per_layer = layer_state_bytes(model.config, "fa", context, model.embed_tokens.weight.dtype)
+    return batch * per_layer * sum(name == "fa" for name in placement)
 
 
 def available_gib() -> float:

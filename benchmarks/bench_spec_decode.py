@@ -172,7 +172,9 @@ def main() -> None:
         else:
             candidates = [args.drafts or entry.draft or next(n for n in placements if n != target)]
 
-        def measure(draft: str, ctx: int, batch: int, target: str = target, rounds: int = args.rounds) -> dict:
+        def measure(
+            draft: str, ctx: int, batch: int, target: str = target, rounds: int = args.rounds, selection: bool = False
+        ) -> dict:
             plan = DraftPlan(draft, placements[draft])
             plain, fast, usage = [], [], SpecUsage()
             for _ in range(rounds):
@@ -189,6 +191,8 @@ def main() -> None:
                 "acceptance": usage.acceptance_rate, "tokens_per_step": usage.tokens_per_verify_step,
             }
             row["speedup"] = row["spec_tok_s"] / row["plain_tok_s"]
+            if selection:  # a draft candidate's score, not a row of the sweep (write_presets_from skips it)
+                row["selection"] = True
             print(f"{target:>16} {draft:>16} {ctx:>6} {batch:>2} {row['plain_tok_s']:>11.2f} "
                   f"{row['spec_tok_s']:>10.2f} {row['speedup']:>7.2f} {row['acceptance']:>6.2f} "
                   f"{row['tokens_per_step']:>8.2f}", flush=True)
@@ -198,9 +202,7 @@ def main() -> None:
             return row
 
         if len(candidates) > 1:  # acceptance x speed: the speed-up at batch 1 on the longest context
-            scored = [(measure(d, contexts[-1], 1, rounds=args.select_rounds), d) for d in candidates]
-            for row, _ in scored:
-                row["selection"] = True
+            scored = [(measure(d, contexts[-1], 1, rounds=args.select_rounds, selection=True), d) for d in candidates]
             candidates = [max(scored, key=lambda rd: rd[0]["speedup"])[1]]
         draft = candidates[0]
         for ctx in contexts:
