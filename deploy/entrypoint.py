@@ -23,8 +23,11 @@ import sys
 from collections.abc import Mapping
 
 PREFIX = "SUPERNET_"
-# Variables that are not flags of `serve`: the cache directory the library reads, deploy/setup.sh's switches.
-NOT_FLAGS = frozenset({"SUPERNET_CACHE", "SUPERNET_SKIP_APT", "SUPERNET_SKIP_VLLM"})
+# Variables that are not flags of `serve`: the cache directories and the kernel switch the library reads,
+# deploy/setup.sh's switches.
+NOT_FLAGS = frozenset(
+    {"SUPERNET_CACHE", "SUPERNET_CPU_KERNELS", "SUPERNET_KERNEL_CACHE", "SUPERNET_SKIP_APT", "SUPERNET_SKIP_VLLM"}
+)
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 

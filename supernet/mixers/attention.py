@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu as cpu_kernels
 from supernet.cache import KVCache, LayerState, WindowKVCache, batched_rows
 from supernet.config import AttentionConfig, SupernetConfig
 from supernet.fastpath import fast_path_enabled
@@ -55,6 +56,8 @@ class Attention(Mixer):
     ) -> Tensor:
         b, t, _ = x.shape
         q, k, v = self.proj.qkv(x, base)
+        if states is not None and t == 1 and self._kernel_serves(q, k, v, states):
+            return self.proj.out(self._kernel_decode(q, k, v, ctx, states), base)
         # q and k rotate as one tensor: half the small ops of two calls, which a decode step pays per layer
         qk = torch.cat((q, k), dim=-1).view(b, t, self.num_heads + self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(qk, ctx.cos, ctx.sin).split([self.num_heads, self.num_kv_heads], dim=2)
@@ -69,6 +72,50 @@ class Attention(Mixer):
                 [self._with_cache(q[i], k[i], v[i], ctx.positions[i], states[i]) for i in range(b)]
             )
         return self.proj.out(out.transpose(1, 2).reshape(b, t, -1), base)
+
+    def _kernel_serves(self, q: Tensor, k: Tensor, v: Tensor, states: list[LayerState]) -> bool:
+        """Whether this decode step can run on the C kernel (kernels/cpu): fast path on, no autograd, fp32 CPU
+        tensors with contiguous rows, and every row's cache of this mixer's kind in fp32."""
+        if not fast_path_enabled() or torch.is_grad_enabled() or q.dtype != torch.float32 or q.device.type != "cpu":
+            return False
+        if cpu_kernels.library() is None or not (q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+            return False
+        kind, d = (KVCache if self.window is None else WindowKVCache), self.head_dim
+        return all(
+            type(s) is kind and s.k.dtype == s.v.dtype == torch.float32 and s.k.stride() == s.v.stride()
+            and s.k.stride()[1:] == (d, 1)
+            for s in states
+        )
+
+    def _kernel_decode(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: MixerContext, states: list[LayerState]
+    ) -> Tensor:
+        """One token per row through the C kernel: rotary, the cache write and the attention in one call per
+        row (the reference path below does the same in ~20 torch ops). q [B, 1, H*D], k/v [B, 1, Hkv*D];
+        returns [B, 1, H*D], the output projection's input."""
+        lib = cast(Any, cpu_kernels.library())  # _kernel_serves checked it
+        out = q.new_empty(q.shape)
+        scale = self.head_dim**-0.5
+        positions = ctx.positions[:, 0].tolist()
+        for i, state in enumerate(states):
+            cache = cast(KVCache | WindowKVCache, state)  # _kernel_serves checked the kinds
+            if isinstance(cache, KVCache):
+                slot = cache.length
+                if slot >= cache.k.shape[1]:
+                    cache.reserve(max(slot + 1, 2 * cache.k.shape[1]))  # doubling, as KVCache.append
+                cache.length = n_attend = slot + 1
+            else:
+                pos = positions[i]
+                slot = pos if pos < cache.sinks else cache.sinks + (pos - cache.sinks) % cache.window
+                cache.pos[slot] = pos
+                # every filled slot is visible: before the ring is full it holds positions 0..pos, after that
+                # exactly the sinks and the last ``window`` positions (see _with_cache)
+                n_attend = min(pos + 1, cache.k.shape[1])
+            cpu_kernels.attention_decode(
+                lib, q[i, 0], k[i, 0], v[i, 0], ctx.cos[i, 0], ctx.sin[i, 0], cache.k, cache.v, slot, n_attend,
+                scale, out[i, 0],
+            )
+        return out
 
     def _full_sequence(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         if self.window is None or self.window >= q.shape[2]:

@@ -114,12 +114,13 @@ def test_every_supernet_variable_in_the_deploy_files_is_a_serve_flag():
 
 
 def test_variables_the_project_reads_itself_are_not_taken_for_flags():
-    """setup.sh's switches and the library's cache directory may sit in the environment the entry point runs in."""
+    """setup.sh's switches and the library's cache directories may sit in the environment the entry point runs in."""
     import re
 
     entrypoint = load_entrypoint()
     read = set(re.findall(r"\$\{?(SUPERNET_[A-Z_]+)", (DEPLOY / "setup.sh").read_text()))
-    read |= set(re.findall(r"environ\.get\(\"(SUPERNET_[A-Z_]+)", (ROOT / "supernet" / "teacher.py").read_text()))
+    for module in (ROOT / "supernet" / "teacher.py", ROOT / "kernels" / "cpu" / "__init__.py"):
+        read |= set(re.findall(r"environ\.get\(\"(SUPERNET_[A-Z_]+)", module.read_text()))
     assert "SUPERNET_CACHE" in read and read <= entrypoint.NOT_FLAGS | set(entrypoint.serve_options())
     assert entrypoint.serve_argv(dict.fromkeys(entrypoint.NOT_FLAGS, "1")) == []
 

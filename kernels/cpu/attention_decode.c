@@ -1,0 +1,163 @@
+/*
+ * One decode token of softmax attention (FA, SWA) for one sequence, fp32, CPU.
+ *
+ * Built and loaded by kernels/cpu/__init__.py (plain C, no Python or torch headers: it compiles in well
+ * under a second, and its inputs are raw pointers into torch tensors). Why it exists: PyTorch's CPU
+ * scaled_dot_product_attention reads a cold KV cache at ~10 GB/s on one thread for a single query row per KV
+ * head group, where a plain streaming read reaches ~26-38 GB/s, so a long-context decode step was mostly spent
+ * there. Here each KV head's keys are read once for all the query heads of its group (pass 1: scores), the
+ * scores are exponentiated in cache, and the values are read once (pass 2): each cache byte is read once per
+ * step, sequentially.
+ *
+ * One call also does what used to be ~20 small torch ops per layer: rotary embedding of the new q and k
+ * (Llama's rotate-half convention), the write of the new key/value into the cache slot, and the output in the
+ * [heads * head_dim] layout the output projection reads.
+ *
+ * Accumulation is fp32 throughout. Reductions are reassociated (built with -fassociative-math so dot products
+ * vectorise), so results match the reference path to fp32 rounding, not bit for bit
+ * (tests/kernels/test_cpu_attention.py).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* e^x for x <= 0 (softmax after subtracting the max), as straight-line arithmetic the compiler vectorises:
+ * Cephes' expf (range reduction by ln 2, degree-6 polynomial, exponent by integer bits); relative error ~1e-7.
+ * Inputs below -87 give e^-87 (~1.6e-38) instead of underflowing: negligible against the max's weight 1. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+/* Llama's rotate-half rotary embedding of one head: out[j] = x[j] cos[j] - x[j + d/2] sin[j] and
+ * out[j + d/2] = x[j + d/2] cos[j + d/2] + x[j] sin[j + d/2]; times ``scale`` (1, or the softmax scale for q). */
+static inline void rotate(const float *restrict x, const float *restrict cos_, const float *restrict sin_,
+                          int64_t d, float scale, float *restrict out) {
+    int64_t half = d / 2;
+    for (int64_t j = 0; j < half; j++) {
+        out[j] = (x[j] * cos_[j] - x[j + half] * sin_[j]) * scale;
+        out[j + half] = (x[j + half] * cos_[j + half] + x[j] * sin_[j + half]) * scale;
+    }
+}
+
+/* Attention of ``groups`` query rows q [groups, d] (already scaled) over n cached keys/values [n, d] of one KV
+ * head; out [groups, d]. ``scores`` has room for groups * n floats. Inlined into callers with constant d and
+ * groups, so the loops unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void attend_head(
+    const float *restrict q, const float *restrict k, const float *restrict v, int64_t n, int64_t d,
+    int64_t groups, float *restrict scores, float *restrict out) {
+    for (int64_t t = 0; t < n; t++) {  /* pass 1: every key read once, dotted with each query of the group */
+        const float *kt = k + t * d;
+        for (int64_t g = 0; g < groups; g++) {
+            const float *qg = q + g * d;
+            float s = 0.0f;
+            for (int64_t j = 0; j < d; j++) s += qg[j] * kt[j];
+            scores[g * n + t] = s;
+        }
+    }
+    float inv_sum[16];
+    for (int64_t g = 0; g < groups; g++) {  /* softmax numerators in place; the sums divide the output */
+        float *s = scores + g * n;
+        float m = s[0];
+        for (int64_t t = 1; t < n; t++) m = s[t] > m ? s[t] : m;
+        float sum = 0.0f;
+        for (int64_t t = 0; t < n; t++) {
+            float e = exp_nonpositive(s[t] - m);
+            s[t] = e;
+            sum += e;
+        }
+        inv_sum[g] = 1.0f / sum;
+    }
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t j = 0; j < d; j++) out[g * d + j] = 0.0f;
+    for (int64_t t = 0; t < n; t++) {  /* pass 2: every value read once, accumulated into each query's output */
+        const float *vt = v + t * d;
+        for (int64_t g = 0; g < groups; g++) {
+            float p = scores[g * n + t];
+            float *og = out + g * d;
+            for (int64_t j = 0; j < d; j++) og[j] += p * vt[j];
+        }
+    }
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t j = 0; j < d; j++) out[g * d + j] *= inv_sum[g];
+}
+
+#define ATTEND_CASE(G, D)                                                                        \
+    case (G) * 1024 + (D):                                                                       \
+        attend_head(q, k, v, n, (D), (G), scores, out);                                          \
+        return;
+
+/* attend_head with groups and d as compile-time constants for the common shapes, a generic loop otherwise. */
+static void attend_dispatch(const float *q, const float *k, const float *v, int64_t n, int64_t d, int64_t groups,
+                            float *scores, float *out) {
+    switch (groups * 1024 + d) {
+        ATTEND_CASE(1, 64) ATTEND_CASE(2, 64) ATTEND_CASE(3, 64) ATTEND_CASE(4, 64)
+        ATTEND_CASE(5, 64) ATTEND_CASE(6, 64) ATTEND_CASE(7, 64) ATTEND_CASE(8, 64)
+        ATTEND_CASE(1, 128) ATTEND_CASE(2, 128) ATTEND_CASE(3, 128) ATTEND_CASE(4, 128)
+        ATTEND_CASE(5, 128) ATTEND_CASE(6, 128) ATTEND_CASE(7, 128) ATTEND_CASE(8, 128)
+        default:
+            attend_head(q, k, v, n, d, groups, scores, out);
+    }
+}
+
+static __thread float *scratch = NULL; /* per thread, grown as needed: the scores and the rotated queries */
+static __thread int64_t scratch_floats = 0;
+
+static float *scratch_for(int64_t floats) {
+    if (floats > scratch_floats) {
+        free(scratch);
+        scratch = malloc((size_t)floats * sizeof(float));
+        scratch_floats = scratch ? floats : 0;
+    }
+    return scratch;
+}
+
+/*
+ * q [num_heads * d], k_new / v_new [num_kv_heads * d]: the token's projections (q, k before rotary).
+ * cos_ / sin_ [d]: its rotary row (NULL: q and k are used as given).
+ * k_cache / v_cache: [num_kv_heads, capacity, d] with ``head_stride`` floats between heads; the new key/value
+ * is written at ``slot`` and the query attends to slots [0, n_attend) (FA: slot = length, n_attend = length + 1;
+ * SWA: its ring slot, and every filled slot of the ring).
+ * out [num_heads * d]. Returns 0, or -1 when out of memory or given a shape it does not serve (the caller then
+ * takes the torch path).
+ */
+int attention_decode_f32(const float *q, const float *k_new, const float *v_new, const float *cos_,
+                         const float *sin_, float *k_cache, float *v_cache, int64_t head_stride, int64_t slot,
+                         int64_t n_attend, int64_t num_heads, int64_t num_kv_heads, int64_t d, float scale,
+                         float *out) {
+    int64_t groups = num_heads / num_kv_heads;
+    if (groups < 1 || groups > 16 || groups * num_kv_heads != num_heads || d % 2 || n_attend < 1) return -1;
+    float *buf = scratch_for(groups * n_attend + num_heads * d);
+    if (!buf) return -1;
+    float *qs = buf + groups * n_attend;
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        float *kc = k_cache + h * head_stride + slot * d;
+        float *vc = v_cache + h * head_stride + slot * d;
+        if (cos_) rotate(k_new + h * d, cos_, sin_, d, 1.0f, kc);
+        else memcpy(kc, k_new + h * d, (size_t)d * sizeof(float));
+        memcpy(vc, v_new + h * d, (size_t)d * sizeof(float));
+    }
+    for (int64_t h = 0; h < num_heads; h++) {
+        if (cos_) rotate(q + h * d, cos_, sin_, d, scale, qs + h * d);
+        else
+            for (int64_t j = 0; j < d; j++) qs[h * d + j] = q[h * d + j] * scale;
+    }
+    for (int64_t h = 0; h < num_kv_heads; h++)
+        attend_dispatch(qs + h * groups * d, k_cache + h * head_stride, v_cache + h * head_stride, n_attend, d,
+                        groups, buf, out + h * groups * d);
+    return 0;
+}

@@ -1,0 +1,87 @@
+"""The C decode-attention kernel (kernels/cpu) against rotary + torch's attention, and the mixers' use of it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu as cpu_kernels
+from supernet.cache import KVCache
+from supernet.fastpath import reference_path
+from supernet.layers import apply_rotary
+
+
+def test_the_kernels_build_on_this_machine() -> None:
+    # The CPU path is the one the suite proves: if the kernels stopped building here, every decode test below
+    # would silently test torch's fallback instead.
+    assert cpu_kernels.library() is not None
+
+
+def test_switched_off_by_the_environment() -> None:
+    code = "from kernels import cpu; print(cpu.library() is None)"
+    env = {**os.environ, "SUPERNET_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def _rotary_tables(position: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    emb = torch.cat((position * inv, position * inv)).float()
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "length"),
+    [(9, 3, 64, 0), (9, 3, 64, 1), (9, 3, 64, 517), (8, 8, 64, 40), (8, 2, 128, 300), (6, 2, 32, 33), (4, 1, 48, 9)],
+)
+@pytest.mark.parametrize("rotary", [True, False])
+def test_kernel_equals_rotary_then_attention(heads, kv_heads, d, length, rotary) -> None:
+    gen = torch.Generator().manual_seed(length + heads + d)
+    capacity = length + 5  # spare capacity: heads sit capacity * d apart, not length * d
+    k_cache = torch.randn(kv_heads, capacity, d, generator=gen)
+    v_cache = torch.randn(kv_heads, capacity, d, generator=gen)
+    q = 3 * torch.randn(heads * d, generator=gen)  # large logits: the softmax's max subtraction matters
+    k_new, v_new = torch.randn(kv_heads * d, generator=gen), torch.randn(kv_heads * d, generator=gen)
+    cos, sin = _rotary_tables(length, d) if rotary else (None, None)
+
+    qk = torch.cat((q.view(heads, d), k_new.view(kv_heads, d)))[None, None]
+    if rotary:
+        qk = apply_rotary(qk, cos[None, None], sin[None, None])
+    q_rot, k_rot = qk[0, 0, :heads], qk[0, 0, heads:]
+    keys = torch.cat((k_cache[:, :length], k_rot[:, None]), dim=1)
+    values = torch.cat((v_cache[:, :length], v_new.view(kv_heads, 1, d)), dim=1)
+    want = F.scaled_dot_product_attention(q_rot.view(1, kv_heads, heads // kv_heads, d), keys[None], values[None])
+
+    out = torch.empty(heads * d)
+    cpu_kernels.attention_decode(
+        cpu_kernels.library(), q, k_new, v_new, cos, sin, k_cache, v_cache, length, length + 1, d**-0.5, out
+    )
+    torch.testing.assert_close(out, want.reshape(-1), atol=5e-6, rtol=1e-5)
+    torch.testing.assert_close(k_cache[:, length], k_rot, atol=1e-6, rtol=0)  # the new key, rotated, in its slot
+    assert torch.equal(v_cache[:, length], v_new.view(kv_heads, d))
+
+
+def test_fa_decode_grows_a_full_cache_like_append(tiny_supernet) -> None:
+    """A KVCache at capacity doubles before the kernel writes past it, and decoding stays equal to the reference."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, tiny_supernet.config.vocab_size, (1, 6), generator=gen)
+    steps = torch.randint(0, tiny_supernet.config.vocab_size, (1, 5), generator=gen)
+    with torch.no_grad():
+        fast = tiny_supernet.new_state("all-fa")
+        tiny_supernet(ids, states=[fast])
+        for layer in fast.layers:  # shrink every cache to exactly its contents: the next token must grow it
+            assert isinstance(layer, KVCache)
+            layer.k, layer.v = layer.k[:, : layer.length].clone(), layer.v[:, : layer.length].clone()
+        ref = fast.clone()
+        for i in range(steps.shape[1]):
+            got = tiny_supernet(steps[:, i : i + 1], states=[fast]).logits
+            with reference_path():
+                want = tiny_supernet(steps[:, i : i + 1], states=[ref]).logits
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    first = fast.layers[0]
+    assert isinstance(first, KVCache) and first.length == 11 and first.k.shape[1] >= 11
