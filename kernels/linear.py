@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels import cpu as cpu_kernels
+
 __all__ = [
     "SMALL_ROWS", "derived", "derived_linear", "fused_linear", "linear", "packed_available", "set_packed_enabled",
     "use_packed",
@@ -137,14 +139,22 @@ def derived_linear(
     projections concatenated or a LoRA delta merged in -- built once, prepacked for oneDNN and cached on
     ``owner`` under ``name`` until a source changes. Callers check ``use_packed(x)`` first."""
 
-    def build() -> tuple[Tensor, Tensor | None]:
+    def build() -> tuple[Tensor, Tensor | None, Tensor | None]:
         w, bias = make()
         w = w.detach().contiguous()
+        bias = None if bias is None else bias.detach().contiguous()
+        # one-row products (batch-1 decode) stream the plain weight through the C kernel when it is there;
+        # a fused or merged plain copy is kept beside the packed one for them
+        plain = w if w.dtype == torch.float32 and cpu_kernels.library() is not None else None
         if w.dtype in PACKED_DTYPES and w.numel() >= PACK_MIN_NUMEL:
             w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
-        return w, None if bias is None else bias.detach()
+        return w, plain, bias
 
-    weight, bias = derived(owner, name, sources, build)
+    weight, plain, bias = derived(owner, name, sources, build)
+    if plain is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.stride(-1) == 1:
+        lib = cpu_kernels.library()
+        if lib is not None:
+            return cpu_kernels.linear_row(lib, x, plain, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

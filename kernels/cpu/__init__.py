@@ -1,10 +1,15 @@
 """CPU decode kernels in plain C, compiled on first use with the machine's C compiler and called through ctypes.
 
-Why C here when everything else is PyTorch: a decode step is a few hundred small ops, and two of its pieces are
-poorly served by eager torch on CPU. PyTorch's attention for one query row reads a long KV cache at about a
-third of the memory bandwidth (docs/benchmarks.md), and each torch op costs microseconds of dispatch that a
-50-op layer pays 30 times a step. ``attention_decode.c`` does one sequence's whole attention for one token --
-rotary, the cache write, both passes over the cache -- in one call that streams each cached byte once.
+Why C here when everything else is PyTorch: three pieces of a decode step are poorly served by eager torch on
+CPU, measured on one thread (docs/benchmarks.md):
+
+* ``attention_decode.c``: torch's attention for one query row reads a long KV cache at about a third of the
+  memory bandwidth. This does one sequence's whole attention for one token -- rotary, the cache write, both
+  passes over the cache -- in one call that streams each cached byte once.
+* ``delta_decode.c``: a GDN/KDA token is ~35 small torch ops per layer (conv, norms, gates, the state update),
+  each microseconds of dispatch over a few kilobytes. This is one call per layer.
+* ``linear.c``: a one-row product through oneDNN streams weights ~20% below what a plain dot-product loop
+  reaches, and at batch 1 the weights are most of the step.
 
 The sources hold no Python or torch headers (they take raw pointers into torch tensors), so building is one
 ``cc`` call of well under a second, cached per source, flags and CPU under ``$SUPERNET_KERNEL_CACHE`` (default
@@ -28,11 +33,11 @@ from pathlib import Path
 
 from torch import Tensor
 
-__all__ = ["attention_decode", "library"]
+__all__ = ["attention_decode", "delta_decode", "library", "linear_row", "set_enabled"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("attention_decode.c",)
+SOURCES = ("attention_decode.c", "delta_decode.c", "linear.c")
 # -fassociative-math (with the two flags it needs) lets the compiler vectorise the dot products' reductions
 # without -ffast-math, which would also flush denormals process-wide when the library loads.
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
@@ -79,9 +84,22 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@functools.cache
+_ENABLED = [True]  # set_enabled(False): callers take their torch paths (tests run both)
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Use the kernels (where they build) or not, process-wide; returns the previous setting."""
+    previous, _ENABLED[0] = _ENABLED[0], enabled
+    return previous
+
+
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built (callers then use torch)."""
+    """The compiled kernels, or None where they cannot be built or are switched off (callers then use torch)."""
+    return _load() if _ENABLED[0] else None
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
     if os.environ.get("SUPERNET_CPU_KERNELS", "1") == "0":
         return None
     compiler = os.environ.get("CC", "cc")
@@ -98,7 +116,23 @@ def library() -> ctypes.CDLL | None:
     lib.attention_decode_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
                                          ctypes.c_float, ptr]
     lib.attention_decode_f32.restype = ctypes.c_int
+    lib.delta_decode_f32.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64,
+                                     ptr, ptr, ptr, i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_int,
+                                     ptr, ptr, ctypes.c_float, ptr]
+    lib.delta_decode_f32.restype = ctypes.c_int
+    lib.linear_row_f32.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.linear_row_f32.restype = None
     return lib
+
+
+def linear_row(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for x holding one row (any leading shape, unit stride along features);
+    weight [out, in] contiguous fp32, bias [out] or None (see linear.c)."""
+    out_features, in_features = weight.shape
+    y = x.new_empty(*x.shape[:-1], out_features)
+    lib.linear_row_f32(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out_features,
+                       in_features, y.data_ptr())
+    return y
 
 
 def attention_decode(
@@ -129,3 +163,60 @@ def attention_decode(
     )
     if rc != 0:
         raise RuntimeError(f"attention_decode_f32 refused heads={q.shape[-1] // d} kv_heads={hkv} head_dim={d}")
+
+
+def delta_decode(
+    lib: ctypes.CDLL,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_lora: tuple[Tensor, Tensor] | None,
+    v_lora: tuple[Tensor, Tensor] | None,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    decay_logits: Tensor,
+    dt_bias: Tensor,
+    a_log: Tensor,
+    beta_logit: Tensor,
+    gate: Tensor,
+    gate_activation: str,
+    state: Tensor,
+    norm_weight: Tensor,
+    norm_eps: float,
+) -> Tensor:
+    """One GDN/KDA token per row (see delta_decode.c): the conv input (k/v heads tiled, LoRA deltas added),
+    conv, SiLU, L2 norms, decay, beta, the delta rule on ``state`` and the gated RMSNorm; returns the output
+    projection's input [N, H * D].
+
+    fp32 CPU tensors whose rows have unit stride along the channels: q [N, W], k / v [N, Hkv * D] (Hkv divides
+    H), ``k_lora`` / ``v_lora`` = (A output [N, rank], B factor [W, rank]) or None, decay_logits [N, H] (GDN) or
+    [N, W] (KDA) before ``dt_bias``, beta_logit [N, H], gate [N, W]; conv_state [N, 3W, kw - 1] and state
+    [N, H, D, D] contiguous (advanced in place); conv_weight [3W, kw], a_log [H], norm_weight [D]."""
+    n, h, d = state.shape[:3]
+    for t in (conv_state, state, conv_weight, dt_bias, a_log, norm_weight):
+        if not t.is_contiguous():
+            raise ValueError("delta_decode needs contiguous states and weights")
+    if k.stride(0) != v.stride(0) or (k_lora is None) != (v_lora is None):
+        raise ValueError("delta_decode needs k and v (and their LoRA inputs) laid out alike")
+    ak = bk = av = bv = None
+    rank = a_stride = 0
+    if k_lora is not None and v_lora is not None:
+        (ak, bk), (av, bv) = k_lora, v_lora
+        rank, a_stride = bk.shape[1], ak.stride(0)
+        if av.stride(0) != a_stride or not (bk.is_contiguous() and bv.is_contiguous()):
+            raise ValueError("delta_decode needs the LoRA inputs laid out alike and contiguous B factors")
+    out = q.new_empty(n, h * d)
+    def ptr(t: Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    rc = lib.delta_decode_f32(
+        n, h, d, conv_weight.shape[1], q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
+        k.shape[-1] // d, ptr(ak), ptr(av), a_stride, ptr(bk), ptr(bv), rank,
+        conv_state.data_ptr(), conv_weight.data_ptr(), decay_logits.data_ptr(), decay_logits.stride(0),
+        int(decay_logits.shape[-1] != h), dt_bias.data_ptr(), a_log.data_ptr(), beta_logit.data_ptr(),
+        beta_logit.stride(0), gate.data_ptr(), gate.stride(0), int(gate_activation == "sigmoid"), state.data_ptr(),
+        norm_weight.data_ptr(), norm_eps, out.data_ptr(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"delta_decode_f32 refused heads={h} kv_heads={k.shape[-1] // d} head_dim={d}")
+    return out

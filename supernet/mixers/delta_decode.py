@@ -15,13 +15,15 @@ rollback, a prefill chunk -- assigns new tensors, so a tensor someone else holds
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from kernels import cpu as cpu_kernels
 from kernels import gated_rms_norm, l2_norm
 from kernels.delta_rule.decode import conv_step_, delta_rule_step_
-from kernels.linear import fused_linear
+from kernels.linear import derived_linear, fused_linear
 from supernet.cache import DeltaState, batched_rows
 from supernet.fastpath import fast_path_enabled
 from supernet.layers import repeat_heads
@@ -39,40 +41,89 @@ def use_fast_decode(x: Tensor, states: Sequence[DeltaState] | None) -> bool:
     )
 
 
+@dataclass
+class StepInputs:
+    """Everything a decode step reads from x [N, hidden], as the packed projection produces it."""
+
+    q: Tensor  # [N, W]
+    k: Tensor  # [N, Hkv * D]: the KV heads before tiling to the mixer's H heads
+    v: Tensor
+    k_lora: tuple[Tensor, Tensor] | None  # (A x [N, rank], B [W, rank]): k's delta on the tiled heads, or None
+    v_lora: tuple[Tensor, Tensor] | None
+    beta_logit: Tensor  # [N, H]
+    decay_in: Tensor  # the decay's low-rank input (decay_from / decay_logits take it)
+    gate_in: Tensor  # the output gate's low-rank input
+
+    def conv_input(self, num_heads: int, head_dim: int) -> Tensor:
+        """q | k | v [N, 3W] as the conv reads it: KV heads tiled, LoRA deltas added (what the C kernel does)."""
+        repeats = num_heads * head_dim // self.k.shape[-1]
+        parts = [self.q]
+        for t, lora in ((self.k, self.k_lora), (self.v, self.v_lora)):
+            t = repeat_heads(t, head_dim, repeats)
+            parts.append(t if lora is None else t + lora[0] @ lora[1].t())
+        return torch.cat(parts, dim=-1)
+
+
 def decode_step(mixer, x: Tensor, base, states: Sequence[DeltaState]) -> Tensor:
     """``mixer.forward`` for x [N, 1, hidden] on the fast path (same math, see the module docstring)."""
     n = x.shape[0]
     h, d = mixer.num_heads, mixer.head_dim
-    x2 = x[:, 0]
-    qkv, beta_logit, decay_in, gate_in = _project(mixer, x2, base)
+    inputs = _project(mixer, x[:, 0], base)
     conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
-    y = conv_step_(qkv, conv, mixer.conv_weight, activation="silu").view(n, 3, h, d)
+    lib = cpu_kernels.library()
+    if lib is not None and x.dtype == conv.dtype == torch.float32 and inputs.q.stride(-1) == 1:
+        o = cpu_kernels.delta_decode(
+            lib, inputs.q, inputs.k, inputs.v, inputs.k_lora, inputs.v_lora, conv, mixer.conv_weight,
+            mixer.decay_logits(inputs.decay_in), mixer.dt_bias, mixer.A_log, inputs.beta_logit,
+            mixer.gate.up(inputs.gate_in), mixer.gate_activation, rec, mixer.norm_weight, mixer.eps,
+        )
+        return mixer.proj.out(o.view(n, 1, h * d), base)
+    y = conv_step_(inputs.conv_input(h, d), conv, mixer.conv_weight, activation="silu").view(n, 3, h, d)
     qk = l2_norm(y[:, :2])  # q and k normalised in one pass
-    o = delta_rule_step_(qk[:, 0], qk[:, 1], y[:, 2], mixer.decay_from(decay_in), torch.sigmoid(beta_logit), rec)
-    gate = mixer.gate.up(gate_in).view(n, 1, h, d)
+    g, beta = mixer.decay_from(inputs.decay_in), torch.sigmoid(inputs.beta_logit)
+    o = delta_rule_step_(qk[:, 0], qk[:, 1], y[:, 2], g, beta, rec)
+    gate = mixer.gate.up(inputs.gate_in).view(n, 1, h, d)
     o = gated_rms_norm(o.to(x.dtype).view(n, 1, h, d), gate, mixer.norm_weight, mixer.eps, mixer.gate_activation)
     return mixer.proj.out(o.reshape(n, 1, h * d), base)
 
 
-def _project(mixer, x: Tensor, base) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Everything the step reads from x [N, hidden]: the conv input q|k|v [N, 3W], beta's logits, the decay's
-    and the output gate's low-rank inputs. The small projections of x (LoRA A factors, beta, the decay's and
-    the gate's down projections) run as one matrix, and the three LoRA B factors as one block-diagonal one,
-    instead of ~10 separate calls per layer."""
+def _project(mixer, x: Tensor, base) -> StepInputs:
+    """One packed product of x [N, hidden] with everything the step reads from it.
+
+    Own projections (``full`` mode): their fused q/k/v, then the small projections (beta, the decay's and the
+    gate's down projections) as one more. Teacher projections with LoRA deltas (``lora`` mode): one matrix of
+    q with its delta merged in, the teacher's k and v untiled, k's and v's LoRA A factors, and the small
+    projections; the tiling and the k/v deltas (B factors) are applied per row after it (StepInputs.conv_input,
+    or inside the C kernel). Merging the k/v deltas into tiled weights instead would read ``kv_repeat`` times
+    the teacher's k/v bytes, +2 MB per layer for SmolLM2, which at batch 1 costs more than the FA cache a
+    linear mixer saves reading at 2k context (docs/benchmarks.md)."""
     proj = mixer.proj
-    lora = proj.lora
     smalls = [mixer.b_proj, *mixer.decay_downs(), mixer.gate.down]
-    weights = [lora[key].A for key in "qkv"] if lora is not None else []
-    weights += [m.weight for m in smalls]
-    biases = [None] * (len(weights) - len(smalls)) + [m.bias for m in smalls]
-    parts = fused_linear(x, mixer, "decode_x", weights, biases).split([w.shape[0] for w in weights], dim=-1)
+    small_sizes = [m.out_features for m in smalls]
     if proj.own is not None:
-        qkv = torch.cat(proj.own.qkv(x), dim=-1)
-    else:
-        q, k, v = base.qkv(x)
-        qkv = torch.cat((q, repeat_heads(k, proj.head_dim, proj.kv_repeat),
-                         repeat_heads(v, proj.head_dim, proj.kv_repeat)), dim=-1)
-    if lora is not None:
-        qkv = qkv + proj.lora_qkv_b(torch.cat(parts[:3], dim=-1))
-        parts = parts[3:]
-    return qkv, parts[0], parts[1], parts[2]
+        q, k, v = proj.own.qkv(x)
+        parts = fused_linear(x, mixer, "decode_x", [m.weight for m in smalls], [m.bias for m in smalls])
+        return StepInputs(q, k, v, None, None, *parts.split(small_sizes, dim=-1))
+    teacher = (base.q_proj, base.k_proj, base.v_proj)
+    loras = [proj.lora[key] for key in "qkv"] if proj.lora is not None else []
+
+    def make() -> tuple[Tensor, Tensor | None]:
+        weights = [p.weight for p in teacher]
+        if loras:
+            weights[0] = weights[0] + loras[0].B @ loras[0].A
+            weights += [loras[1].A, loras[2].A]
+        weights += [m.weight for m in smalls]
+        biases = [p.bias for p in teacher] + [None] * (len(loras) and 2) + [m.bias for m in smalls]
+        if all(b is None for b in biases):
+            return torch.cat(weights), None
+        parts = zip(weights, biases, strict=True)
+        return torch.cat(weights), torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+
+    sources = [t for p in teacher for t in (p.weight, p.bias)]
+    sources += [t for lora in loras for t in (lora.A, lora.B)] + [t for m in smalls for t in (m.weight, m.bias)]
+    sizes = [p.out_features for p in teacher] + [lora.A.shape[0] for lora in loras[1:]] + small_sizes
+    y = derived_linear(x, mixer, "decode_x", sources, make).split(sizes, dim=-1)
+    q, k, v = y[:3]
+    if not loras:
+        return StepInputs(q, k, v, None, None, *y[3:])
+    return StepInputs(q, k, v, (y[3], loras[1].B), (y[4], loras[2].B), *y[5:])

@@ -1,11 +1,12 @@
-"""The fast paths (packed weights, in-place GDN/KDA steps) against the reference path: decode step by step, and
-prefill/scoring, which take the packed weights under inference mode."""
+"""The fast paths (packed weights, in-place GDN/KDA steps, the C kernels) against the reference path: decode step
+by step, and prefill/scoring, which take the packed weights under inference mode."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kernels import cpu as cpu_kernels
 from supernet.cache import KVCache
 from supernet.fastpath import reference_path
 from tests.core.helpers import perturbed
@@ -18,6 +19,15 @@ def model(tiny_supernet):
     return perturbed(tiny_supernet, seed=7)
 
 
+@pytest.fixture(autouse=True, params=["c-kernels", "torch"])
+def kernels(request):
+    """Every test twice: the fast path with the C kernels (kernels/cpu) and on torch alone, the path machines
+    without a C compiler take."""
+    previous = cpu_kernels.set_enabled(request.param == "c-kernels")
+    yield request.param
+    cpu_kernels.set_enabled(previous)
+
+
 def _prefill(model, ids, placements):
     states = [model.new_state(p) for p in placements]
     for row, state in enumerate(states):
@@ -28,6 +38,19 @@ def _prefill(model, ids, placements):
 @pytest.mark.parametrize("prompt_len", [3, 14])  # SWA: the ring fills during decoding (masked, then not) or before
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_fast_decode_equals_reference_decode(model, placement: str, prompt_len: int) -> None:
+    _decode_both_ways(model, placement, prompt_len)
+
+
+@pytest.mark.parametrize("placement", ["all-gdn", "all-kda", "all-swa"])
+def test_fast_decode_of_own_projections(tiny_teacher, placement: str) -> None:
+    """``full`` mode: every mixer owns its q/k/v/o (no teacher projections, no LoRA, no KV tiling)."""
+    from supernet.convert import build_from_teacher
+
+    _decode_both_ways(perturbed(build_from_teacher(tiny_teacher, mixer_weights="full", window=8, sinks=2), 5),
+                      placement, 5)
+
+
+def _decode_both_ways(model, placement: str, prompt_len: int) -> None:
     gen = torch.Generator().manual_seed(11)
     ids = torch.randint(0, model.config.vocab_size, (3, prompt_len), generator=gen)
     steps = torch.randint(0, model.config.vocab_size, (3, 12), generator=gen)
