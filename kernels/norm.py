@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu as cpu_kernels
+
 __all__ = ["l2_norm", "rms_norm", "gated_rms_norm"]
 
 
@@ -27,8 +29,11 @@ def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
     """``x / sqrt(mean(x**2) + eps) * weight`` over the last dim (weight multiplied in fp32 too)."""
     if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
-        # already fp32: torch's fused op computes the same (bit-identical here) in one call instead of six,
-        # which a decode step pays twice per layer
+        lib = cpu_kernels.library()
+        if lib is not None and not torch.is_grad_enabled() and x.device.type == "cpu" and x.is_contiguous() \
+                and (weight is None or weight.is_contiguous()):
+            return cpu_kernels.rms_norm(lib, x, weight, eps)  # inference: one C call (kernels/cpu/norm.c)
+        # already fp32: torch's fused op computes the same (bit-identical here) in one call instead of six
         return F.rms_norm(x, x.shape[-1:], weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)

@@ -8,6 +8,7 @@ CPU, measured on one thread (docs/benchmarks.md):
   passes over the cache -- in one call that streams each cached byte once.
 * ``delta_decode.c``: a GDN/KDA token is ~35 small torch ops per layer (conv, norms, gates, the state update),
   each microseconds of dispatch over a few kilobytes. This is one call per layer.
+* ``norm.c``: torch's fused RMSNorm costs ~20 us for one row, three times per layer.
 * ``linear.c``: a one-row product through oneDNN streams weights ~20% below what a plain dot-product loop
   reaches, and at batch 1 the weights are most of the step.
 
@@ -29,15 +30,17 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
-__all__ = ["attention_decode", "delta_decode", "library", "linear_row", "set_enabled"]
+__all__ = ["attention_decode", "delta_decode", "library", "linear_row", "rms_norm", "set_enabled"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("attention_decode.c", "delta_decode.c", "linear.c")
+SOURCES = ("attention_decode.c", "delta_decode.c", "linear.c", "norm.c")
 # -fassociative-math (with the two flags it needs) lets the compiler vectorise the dot products' reductions
 # without -ffast-math, which would also flush denormals process-wide when the library loads.
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
@@ -113,8 +116,8 @@ def _load() -> ctypes.CDLL | None:
         log.warning("CPU decode kernels did not build, using torch's attention instead: %s", detail)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.attention_decode_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
-                                         ctypes.c_float, ptr]
+    lib.attention_decode_f32.argtypes = [i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64,
+                                         i64, i64, ctypes.c_float, ptr, i64]
     lib.attention_decode_f32.restype = ctypes.c_int
     lib.delta_decode_f32.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64,
                                      ptr, ptr, ptr, i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_int,
@@ -122,6 +125,8 @@ def _load() -> ctypes.CDLL | None:
     lib.delta_decode_f32.restype = ctypes.c_int
     lib.linear_row_f32.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.linear_row_f32.restype = None
+    lib.rms_norm_f32.argtypes = [ptr, ptr, ctypes.c_float, i64, i64, ptr]
+    lib.rms_norm_f32.restype = None
     return lib
 
 
@@ -135,6 +140,15 @@ def linear_row(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None)
     return y
 
 
+def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm over the last dim of a contiguous fp32 tensor (see norm.c); weight [dim] contiguous or None."""
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    lib.rms_norm_f32(x.data_ptr(), None if weight is None else weight.data_ptr(), eps, x.numel() // dim, dim,
+                     out.data_ptr())
+    return out
+
+
 def attention_decode(
     lib: ctypes.CDLL,
     q: Tensor,
@@ -142,24 +156,27 @@ def attention_decode(
     v_new: Tensor,
     cos: Tensor | None,
     sin: Tensor | None,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    slot: int,
-    n_attend: int,
+    caches: Sequence[tuple[Tensor, Tensor, int, int]],
     scale: float,
     out: Tensor,
 ) -> None:
-    """One sequence's attention for one new token (see attention_decode.c), fp32 CPU tensors.
+    """Attention for one new token per row (see attention_decode.c), fp32 CPU tensors.
 
-    q [H * D], k_new / v_new [Hkv * D] (q and k before rotary), cos / sin [D] (None: no rotary), caches
-    [Hkv, capacity, D] (any stride between heads, rows contiguous), out [H * D]. The new key/value go to
-    ``slot`` and the query attends to slots [0, n_attend). The caller checks dtypes and layouts once per layer;
-    this runs per row, so it only passes pointers."""
-    hkv, _, d = k_cache.shape
+    q [N, H * D], k_new / v_new [N, Hkv * D] (q and k before rotary; rows may be strided, channels not),
+    cos / sin [N, D] (None: no rotary), out [N, H * D]. ``caches[i]`` = (keys, values, slot, n_attend) of row
+    i: [Hkv, capacity, D] tensors with rows of D contiguous floats and the same stride between heads; the new
+    key/value go to ``slot`` and the query attends to slots [0, n_attend). The caller checks dtypes and layouts
+    once per layer (this runs per layer per step, so it only gathers pointers)."""
+    n = len(caches)
+    hkv, d = caches[0][0].shape[0], caches[0][0].shape[2]
+    i64s, ptrs = ctypes.c_int64 * n, ctypes.c_void_p * n
     rc = lib.attention_decode_f32(
-        q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), None if cos is None else cos.data_ptr(),
-        None if sin is None else sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), slot,
-        n_attend, q.shape[-1] // d, hkv, d, scale, out.data_ptr(),
+        n, q.data_ptr(), q.stride(0), k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0),
+        None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
+        0 if cos is None else cos.stride(0), ptrs(*(c[0].data_ptr() for c in caches)),
+        ptrs(*(c[1].data_ptr() for c in caches)), i64s(*(c[0].stride(0) for c in caches)),
+        i64s(*(c[2] for c in caches)), i64s(*(c[3] for c in caches)), q.shape[-1] // d, hkv, d, scale,
+        out.data_ptr(), out.stride(0),
     )
     if rc != 0:
         raise RuntimeError(f"attention_decode_f32 refused heads={q.shape[-1] // d} kv_heads={hkv} head_dim={d}")

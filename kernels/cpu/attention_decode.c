@@ -1,5 +1,5 @@
 /*
- * One decode token of softmax attention (FA, SWA) for one sequence, fp32, CPU.
+ * One decode token of softmax attention (FA, SWA) for a batch of sequences, fp32, CPU.
  *
  * Built and loaded by kernels/cpu/__init__.py (plain C, no Python or torch headers: it compiles in well
  * under a second, and its inputs are raw pointers into torch tensors). Why it exists: PyTorch's CPU
@@ -127,37 +127,47 @@ static float *scratch_for(int64_t floats) {
 }
 
 /*
- * q [num_heads * d], k_new / v_new [num_kv_heads * d]: the token's projections (q, k before rotary).
- * cos_ / sin_ [d]: its rotary row (NULL: q and k are used as given).
- * k_cache / v_cache: [num_kv_heads, capacity, d] with ``head_stride`` floats between heads; the new key/value
- * is written at ``slot`` and the query attends to slots [0, n_attend) (FA: slot = length, n_attend = length + 1;
- * SWA: its ring slot, and every filled slot of the ring).
- * out [num_heads * d]. Returns 0, or -1 when out of memory or given a shape it does not serve (the caller then
- * takes the torch path).
+ * n rows (sequences), each with its own cache. Row i's q [num_heads * d] is at q + i * q_stride, its new
+ * k / v [num_kv_heads * d] (q and k before rotary) at k_new / v_new + i * kv_stride, its rotary row cos / sin [d]
+ * at + i * rope_stride (cos_ NULL: q and k are used as given), its output [num_heads * d] at out + i * out_stride.
+ * k_caches[i] / v_caches[i]: [num_kv_heads, capacity, d] with head_strides[i] floats between heads; the new
+ * key/value is written at slots[i] and the query attends to slots [0, n_attend[i]) (FA: slot = length,
+ * n_attend = length + 1; SWA: its ring slot, and every filled slot of the ring).
+ * Returns 0, or -1 when out of memory or given a shape it does not serve (nothing is written then).
  */
-int attention_decode_f32(const float *q, const float *k_new, const float *v_new, const float *cos_,
-                         const float *sin_, float *k_cache, float *v_cache, int64_t head_stride, int64_t slot,
-                         int64_t n_attend, int64_t num_heads, int64_t num_kv_heads, int64_t d, float scale,
-                         float *out) {
-    int64_t groups = num_heads / num_kv_heads;
-    if (groups < 1 || groups > 16 || groups * num_kv_heads != num_heads || d % 2 || n_attend < 1) return -1;
-    float *buf = scratch_for(groups * n_attend + num_heads * d);
+int attention_decode_f32(int64_t n, const float *q, int64_t q_stride, const float *k_new, const float *v_new,
+                         int64_t kv_stride, const float *cos_, const float *sin_, int64_t rope_stride,
+                         float *const *k_caches, float *const *v_caches, const int64_t *head_strides,
+                         const int64_t *slots, const int64_t *n_attend, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t d, float scale, float *out, int64_t out_stride) {
+    int64_t groups = num_heads / num_kv_heads, longest = 0;
+    if (groups < 1 || groups > 16 || groups * num_kv_heads != num_heads || d % 2) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        if (n_attend[i] < 1) return -1;
+        longest = n_attend[i] > longest ? n_attend[i] : longest;
+    }
+    float *buf = scratch_for(groups * longest + num_heads * d);
     if (!buf) return -1;
-    float *qs = buf + groups * n_attend;
-    for (int64_t h = 0; h < num_kv_heads; h++) {
-        float *kc = k_cache + h * head_stride + slot * d;
-        float *vc = v_cache + h * head_stride + slot * d;
-        if (cos_) rotate(k_new + h * d, cos_, sin_, d, 1.0f, kc);
-        else memcpy(kc, k_new + h * d, (size_t)d * sizeof(float));
-        memcpy(vc, v_new + h * d, (size_t)d * sizeof(float));
+    float *qs = buf + groups * longest;
+    for (int64_t i = 0; i < n; i++) {
+        const float *qi = q + i * q_stride, *ki = k_new + i * kv_stride, *vi = v_new + i * kv_stride;
+        const float *ci = cos_ ? cos_ + i * rope_stride : NULL, *si = sin_ ? sin_ + i * rope_stride : NULL;
+        int64_t hs = head_strides[i], len = n_attend[i];
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            float *kc = k_caches[i] + h * hs + slots[i] * d;
+            float *vc = v_caches[i] + h * hs + slots[i] * d;
+            if (ci) rotate(ki + h * d, ci, si, d, 1.0f, kc);
+            else memcpy(kc, ki + h * d, (size_t)d * sizeof(float));
+            memcpy(vc, vi + h * d, (size_t)d * sizeof(float));
+        }
+        for (int64_t h = 0; h < num_heads; h++) {
+            if (ci) rotate(qi + h * d, ci, si, d, scale, qs + h * d);
+            else
+                for (int64_t j = 0; j < d; j++) qs[h * d + j] = qi[h * d + j] * scale;
+        }
+        for (int64_t h = 0; h < num_kv_heads; h++)
+            attend_dispatch(qs + h * groups * d, k_caches[i] + h * hs, v_caches[i] + h * hs, len, d, groups, buf,
+                            out + i * out_stride + h * groups * d);
     }
-    for (int64_t h = 0; h < num_heads; h++) {
-        if (cos_) rotate(q + h * d, cos_, sin_, d, scale, qs + h * d);
-        else
-            for (int64_t j = 0; j < d; j++) qs[h * d + j] = q[h * d + j] * scale;
-    }
-    for (int64_t h = 0; h < num_kv_heads; h++)
-        attend_dispatch(qs + h * groups * d, k_cache + h * head_stride, v_cache + h * head_stride, n_attend, d,
-                        groups, buf, out + h * groups * d);
     return 0;
 }

@@ -90,14 +90,15 @@ class Attention(Mixer):
     def _kernel_decode(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: MixerContext, states: list[LayerState]
     ) -> Tensor:
-        """One token per row through the C kernel: rotary, the cache write and the attention in one call per
-        row (the reference path below does the same in ~20 torch ops). q [B, 1, H*D], k/v [B, 1, Hkv*D];
-        returns [B, 1, H*D], the output projection's input."""
+        """One token per row through the C kernel: rotary, the cache writes and the attention of every row in
+        one call (the reference path below does the same in ~20 torch ops per row). q [B, 1, H*D], k/v
+        [B, 1, Hkv*D]; returns [B, 1, H*D], the output projection's input."""
         lib = cast(Any, cpu_kernels.library())  # _kernel_serves checked it
-        out = q.new_empty(q.shape)
-        scale = self.head_dim**-0.5
+        b = q.shape[0]
+        out = q.new_empty(b, self.num_heads * self.head_dim)
         positions = ctx.positions[:, 0].tolist()
-        for i, state in enumerate(states):
+        caches = []
+        for state, pos in zip(states, positions, strict=True):
             cache = cast(KVCache | WindowKVCache, state)  # _kernel_serves checked the kinds
             if isinstance(cache, KVCache):
                 slot = cache.length
@@ -105,17 +106,16 @@ class Attention(Mixer):
                     cache.reserve(max(slot + 1, 2 * cache.k.shape[1]))  # doubling, as KVCache.append
                 cache.length = n_attend = slot + 1
             else:
-                pos = positions[i]
                 slot = pos if pos < cache.sinks else cache.sinks + (pos - cache.sinks) % cache.window
                 cache.pos[slot] = pos
                 # every filled slot is visible: before the ring is full it holds positions 0..pos, after that
                 # exactly the sinks and the last ``window`` positions (see _with_cache)
                 n_attend = min(pos + 1, cache.k.shape[1])
-            cpu_kernels.attention_decode(
-                lib, q[i, 0], k[i, 0], v[i, 0], ctx.cos[i, 0], ctx.sin[i, 0], cache.k, cache.v, slot, n_attend,
-                scale, out[i, 0],
-            )
-        return out
+            caches.append((cache.k, cache.v, slot, n_attend))
+        cpu_kernels.attention_decode(
+            lib, q[:, 0], k[:, 0], v[:, 0], ctx.cos[:, 0], ctx.sin[:, 0], caches, self.head_dim**-0.5, out
+        )
+        return out.view(b, 1, -1)
 
     def _full_sequence(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         if self.window is None or self.window >= q.shape[2]:

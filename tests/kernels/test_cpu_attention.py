@@ -57,11 +57,13 @@ def test_kernel_equals_rotary_then_attention(heads, kv_heads, d, length, rotary)
     values = torch.cat((v_cache[:, :length], v_new.view(kv_heads, 1, d)), dim=1)
     want = F.scaled_dot_product_attention(q_rot.view(1, kv_heads, heads // kv_heads, d), keys[None], values[None])
 
-    out = torch.empty(heads * d)
+    out = torch.empty(1, heads * d)
+    rope = (None, None) if cos is None else (cos[None], sin[None])
     cpu_kernels.attention_decode(
-        cpu_kernels.library(), q, k_new, v_new, cos, sin, k_cache, v_cache, length, length + 1, d**-0.5, out
+        cpu_kernels.library(), q[None], k_new[None], v_new[None], *rope, [(k_cache, v_cache, length, length + 1)],
+        d**-0.5, out,
     )
-    torch.testing.assert_close(out, want.reshape(-1), atol=5e-6, rtol=1e-5)
+    torch.testing.assert_close(out[0], want.reshape(-1), atol=5e-6, rtol=1e-5)
     torch.testing.assert_close(k_cache[:, length], k_rot, atol=1e-6, rtol=0)  # the new key, rotated, in its slot
     assert torch.equal(v_cache[:, length], v_new.view(kv_heads, d))
 
@@ -85,3 +87,35 @@ def test_fa_decode_grows_a_full_cache_like_append(tiny_supernet) -> None:
             torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
     first = fast.layers[0]
     assert isinstance(first, KVCache) and first.length == 11 and first.k.shape[1] >= 11
+
+
+def test_rows_of_one_call_keep_their_own_caches_and_lengths() -> None:
+    """A batch call: rows with different lengths, capacities and strided inputs each equal their solo call."""
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, d = 6, 2, 64
+    lengths, capacities = [0, 37, 300, 5], [8, 40, 301, 64]
+    caches = [
+        (torch.randn(kv_heads, cap, d, generator=gen), torch.randn(kv_heads, cap, d, generator=gen))
+        for cap in capacities
+    ]
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * d, generator=gen)  # q, k, v as strided views of one tensor
+    q, k_new, v_new = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    rope = torch.stack([torch.cat(_rotary_tables(n, d)) for n in lengths])
+    cos, sin = rope[:, :d], rope[:, d:]  # strided too
+    solo = []
+    for i, n in enumerate(lengths):
+        k_cache, v_cache = caches[i][0].clone(), caches[i][1].clone()
+        out = torch.empty(1, heads * d)
+        cpu_kernels.attention_decode(
+            cpu_kernels.library(), q[i : i + 1], k_new[i : i + 1], v_new[i : i + 1], cos[i : i + 1],
+            sin[i : i + 1], [(k_cache, v_cache, n, n + 1)], d**-0.5, out,
+        )
+        solo.append((out[0], k_cache))
+    out = torch.empty(4, heads * d)
+    cpu_kernels.attention_decode(
+        cpu_kernels.library(), q, k_new, v_new, cos, sin,
+        [(kc, vc, n, n + 1) for (kc, vc), n in zip(caches, lengths, strict=True)], d**-0.5, out,
+    )
+    for i in range(4):
+        assert torch.equal(out[i], solo[i][0])
+        assert torch.equal(caches[i][0], solo[i][1])
