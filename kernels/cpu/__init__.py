@@ -68,7 +68,8 @@ def _build(compiler: str) -> Path:
     here = Path(__file__).parent
     sources = [here / name for name in SOURCES]
     digest = hashlib.sha256()
-    for part in [compiler, *FLAGS, _cpu_identity(), *(p.read_text() for p in sources)]:
+    headers = sorted(here.glob("*.h"))
+    for part in [compiler, *FLAGS, _cpu_identity(), *(p.read_text() for p in [*sources, *headers])]:
         digest.update(part.encode())
     out_dir = _cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

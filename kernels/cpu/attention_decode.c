@@ -22,26 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* e^x for x <= 0 (softmax after subtracting the max), as straight-line arithmetic the compiler vectorises:
- * Cephes' expf (range reduction by ln 2, degree-6 polynomial, exponent by integer bits); relative error ~1e-7.
- * Inputs below -87 give e^-87 (~1.6e-38) instead of underflowing: negligible against the max's weight 1. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    float y = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
-}
+#include "vmath.h"
 
 /* Llama's rotate-half rotary embedding of one head: out[j] = x[j] cos[j] - x[j + d/2] sin[j] and
  * out[j + d/2] = x[j + d/2] cos[j + d/2] + x[j] sin[j + d/2]; times ``scale`` (1, or the softmax scale for q). */
@@ -76,7 +57,7 @@ static inline __attribute__((always_inline)) void attend_head(
         for (int64_t t = 1; t < n; t++) m = s[t] > m ? s[t] : m;
         float sum = 0.0f;
         for (int64_t t = 0; t < n; t++) {
-            float e = exp_nonpositive(s[t] - m);
+            float e = exp_approx(s[t] - m);
             s[t] = e;
             sum += e;
         }

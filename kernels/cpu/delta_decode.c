@@ -19,12 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vmath.h"
+
 #define MAX_HEAD_DIM 256
-
-static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-/* torch's softplus (beta 1, threshold 20) */
-static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 /* The delta rule for one head: S <- diag(decay) S + k u^T with u = beta (v - (diag(decay) S)^T k), and
  * o = S_new^T q, from two passes over S [d, d] (row kk = key channel kk). ``decay`` has d entries (KDA) or is
@@ -137,8 +134,9 @@ int delta_decode_f32(int64_t n, int64_t h, int64_t d, int64_t kw, const float *q
             for (int64_t j = 0; j < taps; j++) acc += sc[j] * wc[j];
             for (int64_t j = 0; j + 1 < taps; j++) sc[j] = sc[j + 1];
             if (taps) sc[taps - 1] = x[c];
-            y[c] = acc * sigmoid(acc);
+            y[c] = acc;
         }
+        for (int64_t c = 0; c < 3 * w; c++) y[c] *= sigmoid_approx(y[c]);  /* apart: vectorises */
         const float *din = decay_in + i * decay_stride;
         const float *bl = beta_logit + i * beta_stride;
         const float *gt = gate + i * gate_stride;
@@ -150,19 +148,19 @@ int delta_decode_f32(int64_t n, int64_t h, int64_t d, int64_t kw, const float *q
             float a = expf(a_log[hh]), decay_all = 0.0f;
             if (per_channel_decay) {
                 for (int64_t j = 0; j < d; j++)
-                    decay[j] = expf(-a * softplus(din[hh * d + j] + dt_bias[hh * d + j]));
+                    decay[j] = exp_approx(-a * softplus_approx(din[hh * d + j] + dt_bias[hh * d + j]));
             } else {
-                decay_all = expf(-a * softplus(din[hh] + dt_bias[hh]));
+                decay_all = exp_approx(-a * softplus_approx(din[hh] + dt_bias[hh]));
             }
             float *o = o_row + hh * d;
             delta_head_dispatch(state + (i * h + hh) * d * d, q, k, v, per_channel_decay ? decay : NULL,
-                                decay_all, sigmoid(bl[hh]), d, o);
+                                decay_all, sigmoid_approx(bl[hh]), d, o);
             float ss = 0.0f;  /* gated RMSNorm of the head's output */
             for (int64_t j = 0; j < d; j++) ss += o[j] * o[j];
             float inv = 1.0f / sqrtf(ss / (float)d + norm_eps);
             for (int64_t j = 0; j < d; j++) {
                 float g = gt[hh * d + j];
-                float act = gate_sigmoid ? sigmoid(g) : g * sigmoid(g);
+                float act = gate_sigmoid ? sigmoid_approx(g) : g * sigmoid_approx(g);
                 o[j] = o[j] * inv * norm_weight[j] * act;
             }
         }
