@@ -121,8 +121,8 @@ def _load() -> ctypes.CDLL | None:
                                          i64, i64, ctypes.c_float, ptr, i64]
     lib.attention_decode_f32.restype = ctypes.c_int
     lib.delta_decode_f32.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64,
-                                     ptr, ptr, ptr, i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_int,
-                                     ptr, ptr, ctypes.c_float, ptr]
+                                     ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64,
+                                     ctypes.c_int, ptr, ptr, ctypes.c_float, ptr]
     lib.delta_decode_f32.restype = ctypes.c_int
     lib.linear_row_f32.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     lib.linear_row_f32.restype = None
@@ -192,28 +192,33 @@ def delta_decode(
     v_lora: tuple[Tensor, Tensor] | None,
     conv_state: Tensor,
     conv_weight: Tensor,
-    decay_logits: Tensor,
+    decay_in: Tensor,
+    decay_up: Tensor | None,
     dt_bias: Tensor,
     a_log: Tensor,
     beta_logit: Tensor,
-    gate: Tensor,
+    gate: tuple[Tensor, Tensor, Tensor | None],
     gate_activation: str,
     state: Tensor,
     norm_weight: Tensor,
     norm_eps: float,
 ) -> Tensor:
     """One GDN/KDA token per row (see delta_decode.c): the conv input (k/v heads tiled, LoRA deltas added),
-    conv, SiLU, L2 norms, decay, beta, the delta rule on ``state`` and the gated RMSNorm; returns the output
-    projection's input [N, H * D].
+    conv, SiLU, L2 norms, the output gate's and the decay's up projections, decay, beta, the delta rule on
+    ``state`` and the gated RMSNorm; returns the output projection's input [N, H * D].
 
     fp32 CPU tensors whose rows have unit stride along the channels: q [N, W], k / v [N, Hkv * D] (Hkv divides
-    H), ``k_lora`` / ``v_lora`` = (A output [N, rank], B factor [W, rank]) or None, decay_logits [N, H] (GDN) or
-    [N, W] (KDA) before ``dt_bias``, beta_logit [N, H], gate [N, W]; conv_state [N, 3W, kw - 1] and state
-    [N, H, D, D] contiguous (advanced in place); conv_weight [3W, kw], a_log [H], norm_weight [D]."""
+    H), ``k_lora`` / ``v_lora`` = (A output [N, rank], B factor [W, rank]) or None; decay_in [N, H] (GDN: the
+    logits) or [N, rank] with ``decay_up`` [W, rank] (KDA: one logit per key channel), both before ``dt_bias``;
+    beta_logit [N, H]; ``gate`` = (input [N, rank], up weight [W, rank], bias [W] or None); conv_state
+    [N, 3W, kw - 1] and state [N, H, D, D] contiguous (advanced in place); conv_weight [3W, kw], a_log [H],
+    norm_weight [D]."""
     n, h, d = state.shape[:3]
-    for t in (conv_state, state, conv_weight, dt_bias, a_log, norm_weight):
-        if not t.is_contiguous():
-            raise ValueError("delta_decode needs contiguous states and weights")
+    gate_in, gate_up, gate_bias = gate
+    weights = [conv_state, state, conv_weight, dt_bias, a_log, norm_weight, gate_up]
+    weights += [t for t in (gate_bias, decay_up) if t is not None]
+    if not all(t.is_contiguous() for t in weights):
+        raise ValueError("delta_decode needs contiguous states and weights")
     if k.stride(0) != v.stride(0) or (k_lora is None) != (v_lora is None):
         raise ValueError("delta_decode needs k and v (and their LoRA inputs) laid out alike")
     ak = bk = av = bv = None
@@ -224,16 +229,18 @@ def delta_decode(
         if av.stride(0) != a_stride or not (bk.is_contiguous() and bv.is_contiguous()):
             raise ValueError("delta_decode needs the LoRA inputs laid out alike and contiguous B factors")
     out = q.new_empty(n, h * d)
+
     def ptr(t: Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
     rc = lib.delta_decode_f32(
         n, h, d, conv_weight.shape[1], q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
-        k.shape[-1] // d, ptr(ak), ptr(av), a_stride, ptr(bk), ptr(bv), rank,
-        conv_state.data_ptr(), conv_weight.data_ptr(), decay_logits.data_ptr(), decay_logits.stride(0),
-        int(decay_logits.shape[-1] != h), dt_bias.data_ptr(), a_log.data_ptr(), beta_logit.data_ptr(),
-        beta_logit.stride(0), gate.data_ptr(), gate.stride(0), int(gate_activation == "sigmoid"), state.data_ptr(),
-        norm_weight.data_ptr(), norm_eps, out.data_ptr(),
+        k.shape[-1] // d, ptr(ak), ptr(av), a_stride, ptr(bk), ptr(bv), rank, conv_state.data_ptr(),
+        conv_weight.data_ptr(), decay_in.data_ptr(), decay_in.stride(0), ptr(decay_up),
+        0 if decay_up is None else decay_up.shape[1], dt_bias.data_ptr(), a_log.data_ptr(), beta_logit.data_ptr(),
+        beta_logit.stride(0), gate_in.data_ptr(), gate_in.stride(0), gate_up.data_ptr(), ptr(gate_bias),
+        gate_up.shape[1], int(gate_activation == "sigmoid"), state.data_ptr(), norm_weight.data_ptr(), norm_eps,
+        out.data_ptr(),
     )
     if rc != 0:
         raise RuntimeError(f"delta_decode_f32 refused heads={h} kv_heads={k.shape[-1] // d} head_dim={d}")

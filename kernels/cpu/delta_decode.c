@@ -6,7 +6,8 @@
  * -- conv window, SiLU, two L2 norms, the decay's softplus and exp, the sigmoid of beta, the state's decay,
  * reads and rank-1 write, the gated RMSNorm -- each a few microseconds of dispatch over a few kilobytes, which
  * at short context cost more than the FA cache a linear mixer saves reading. Here each row and head goes
- * through them once, with the head's [K, V] state hot in cache between its two passes.
+ * through them once, with the head's [K, V] state hot in cache between its two passes; the low-rank up
+ * projections (LoRA B factors, the output gate, KDA's decay) are done here too, each ~150 KB of weights.
  *
  * The conv input is assembled here too: the packed projection in front of it reads the teacher's KV heads
  * untiled and their LoRA factors, and this tiles and adds (conv_input).
@@ -71,6 +72,18 @@ static inline void l2_normalise(float *x, int64_t d, float scale) {
     for (int64_t j = 0; j < d; j++) x[j] *= inv;
 }
 
+/* y (+)= B a (+ bias): the up projection of a low-rank vector a [rank] by B [out, rank] (LoRA B factors, the
+ * output gate's and KDA's decay up projections). accumulate: add to y instead of writing it. */
+static void up_project(const float *restrict b, const float *restrict a, const float *restrict bias, int64_t out,
+                       int64_t rank, int accumulate, float *restrict y) {
+    for (int64_t c = 0; c < out; c++) {
+        const float *bc = b + c * rank;
+        float s = bias ? bias[c] : 0.0f;
+        for (int64_t j = 0; j < rank; j++) s += bc[j] * a[j];
+        y[c] = accumulate ? y[c] + s : s;
+    }
+}
+
 /* One row's conv input q | k | v [3w]: q as given, k and v from ``kv_heads`` heads tiled to h (KV head i serves
  * heads i * r .. i * r + r - 1, as supernet.layers.repeat_heads) plus their LoRA deltas B a (B [w, rank]) when
  * B is given. Assembled here so the packed projection reads the teacher's untiled k/v weights. */
@@ -87,16 +100,8 @@ static void conv_input(const float *q, const float *k, const float *v, const flo
         }
     }
     if (!bk) return;
-    for (int64_t c = 0; c < w; c++) {
-        const float *bkc = bk + c * rank, *bvc = bv + c * rank;
-        float sk = 0.0f, sv = 0.0f;
-        for (int64_t j = 0; j < rank; j++) {
-            sk += bkc[j] * ak[j];
-            sv += bvc[j] * av[j];
-        }
-        x[w + c] += sk;
-        x[2 * w + c] += sv;
-    }
+    up_project(bk, ak, NULL, w, rank, 1, x + w);
+    up_project(bv, av, NULL, w, rank, 1, x + 2 * w);
 }
 
 /*
@@ -104,9 +109,12 @@ static void conv_input(const float *q, const float *k, const float *v, const flo
  * q [n, w], k / v [n, kv_heads * d]: the projections before the short convolution; ak / av [n, rank] and
  * bk / bv [w, rank]: k's and v's LoRA factors (NULL: none), see conv_input.
  * conv_state [n, 3w, kw - 1] contiguous, oldest first; shifted in place to end with this token's inputs.
- * conv_weight [3w, kw]. decay_in: GDN [n, h] (a_proj's output), KDA [n, w] (f_proj's output), before dt_bias;
- * dt_bias [h] or [w]; a_log [h]: g = -exp(a_log) softplus(decay_in + dt_bias), decay = exp(g).
- * beta_logit [n, h]. gate [n, w] (the output gate before its activation; gate_sigmoid: sigmoid, else SiLU).
+ * conv_weight [3w, kw].
+ * decay_in [n, m]: the decay's input. GDN (decay_up NULL): a_proj's output, m = h, one logit per head. KDA:
+ * f_proj's low-rank input, and decay_up [w, m] (f_proj's up projection) makes one logit per key channel.
+ * dt_bias [h] or [w]; a_log [h]: g = -exp(a_log) softplus(logit + dt_bias), decay = exp(g).
+ * beta_logit [n, h]. gate_in [n, rg], gate_up [w, rg], gate_bias [w] (or NULL): the output gate
+ * gate_up gate_in + gate_bias before its activation (gate_sigmoid: sigmoid, else SiLU).
  * state [n, h, d, d] fp32 contiguous, advanced in place. norm_weight [d], norm_eps: the gated RMSNorm.
  * out [n, w] contiguous. Returns 0, or -1 for a head dim above MAX_HEAD_DIM or a scratch allocation failure.
  */
@@ -114,14 +122,15 @@ int delta_decode_f32(int64_t n, int64_t h, int64_t d, int64_t kw, const float *q
                      const float *k, const float *v, int64_t kv_stride, int64_t kv_heads, const float *ak,
                      const float *av, int64_t a_stride, const float *bk, const float *bv, int64_t rank,
                      float *conv_state, const float *conv_weight, const float *decay_in, int64_t decay_stride,
-                     int per_channel_decay, const float *dt_bias, const float *a_log, const float *beta_logit,
-                     int64_t beta_stride, const float *gate, int64_t gate_stride, int gate_sigmoid, float *state,
-                     const float *norm_weight, float norm_eps, float *out) {
+                     const float *decay_up, int64_t decay_rank, const float *dt_bias, const float *a_log,
+                     const float *beta_logit, int64_t beta_stride, const float *gate_in, int64_t gate_stride,
+                     const float *gate_up, const float *gate_bias, int64_t gate_rank, int gate_sigmoid,
+                     float *state, const float *norm_weight, float norm_eps, float *out) {
     if (d > MAX_HEAD_DIM || kw < 1 || kv_heads < 1 || h % kv_heads) return -1;
     int64_t w = h * d, taps = kw - 1;
-    float *y = malloc((size_t)(6 * w + d) * sizeof(float));
+    float *y = malloc((size_t)(8 * w + d) * sizeof(float));
     if (!y) return -1;
-    float *x = y + 3 * w, *decay = y + 6 * w;
+    float *x = y + 3 * w, *gate = y + 6 * w, *logits = y + 7 * w, *decay = y + 8 * w;
     float scale = 1.0f / sqrtf((float)d);
     for (int64_t i = 0; i < n; i++) {
         conv_input(q + i * q_stride, k + i * kv_stride, v + i * kv_stride, ak ? ak + i * a_stride : NULL,
@@ -138,28 +147,32 @@ int delta_decode_f32(int64_t n, int64_t h, int64_t d, int64_t kw, const float *q
         }
         for (int64_t c = 0; c < 3 * w; c++) y[c] *= sigmoid_approx(y[c]);  /* apart: vectorises */
         const float *din = decay_in + i * decay_stride;
+        if (decay_up) {
+            up_project(decay_up, din, NULL, w, decay_rank, 0, logits);
+            din = logits;
+        }
+        up_project(gate_up, gate_in + i * gate_stride, gate_bias, w, gate_rank, 0, gate);
         const float *bl = beta_logit + i * beta_stride;
-        const float *gt = gate + i * gate_stride;
         float *o_row = out + i * w;
         for (int64_t hh = 0; hh < h; hh++) {
             float *q = y + hh * d, *k = y + w + hh * d, *v = y + 2 * w + hh * d;
             l2_normalise(q, d, scale);
             l2_normalise(k, d, 1.0f);
             float a = expf(a_log[hh]), decay_all = 0.0f;
-            if (per_channel_decay) {
+            if (decay_up) {
                 for (int64_t j = 0; j < d; j++)
                     decay[j] = exp_approx(-a * softplus_approx(din[hh * d + j] + dt_bias[hh * d + j]));
             } else {
                 decay_all = exp_approx(-a * softplus_approx(din[hh] + dt_bias[hh]));
             }
             float *o = o_row + hh * d;
-            delta_head_dispatch(state + (i * h + hh) * d * d, q, k, v, per_channel_decay ? decay : NULL,
+            delta_head_dispatch(state + (i * h + hh) * d * d, q, k, v, decay_up ? decay : NULL,
                                 decay_all, sigmoid_approx(bl[hh]), d, o);
             float ss = 0.0f;  /* gated RMSNorm of the head's output */
             for (int64_t j = 0; j < d; j++) ss += o[j] * o[j];
             float inv = 1.0f / sqrtf(ss / (float)d + norm_eps);
             for (int64_t j = 0; j < d; j++) {
-                float g = gt[hh * d + j];
+                float g = gate[hh * d + j];
                 float act = gate_sigmoid ? sigmoid_approx(g) : g * sigmoid_approx(g);
                 o[j] = o[j] * inv * norm_weight[j] * act;
             }

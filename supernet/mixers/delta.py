@@ -106,9 +106,10 @@ class DeltaMixer(Mixer):
         """The projections of x that ``decay_from`` starts from (fused with others on the decode path)."""
         raise NotImplementedError
 
-    def decay_logits(self, down: Tensor) -> Tensor:
-        """What ``decay_from`` adds ``dt_bias`` to (GDN [..., H], KDA [..., H * K]): the C decode kernel takes it
-        and does the rest (kernels/cpu/delta_decode.c)."""
+    def decay_up(self) -> Tensor | None:
+        """The weight that maps ``decay_from``'s input to one logit per key channel (KDA), or None where that
+        input already is one logit per head (GDN): what the C decode kernel needs to do ``decay_from`` itself
+        (kernels/cpu/delta_decode.c)."""
         raise NotImplementedError
 
     def decay_from(self, down: Tensor) -> Tensor:
@@ -191,9 +192,8 @@ class GatedDeltaNet(DeltaMixer):
     def decay_downs(self) -> list[nn.Linear]:
         return [self.a_proj]
 
-    def decay_logits(self, a: Tensor) -> Tensor:
-        """The decay's input before ``dt_bias`` and softplus: a_proj's output itself."""
-        return a
+    def decay_up(self) -> Tensor | None:
+        return None
 
     def decay_from(self, a: Tensor) -> Tensor:
         return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
@@ -213,12 +213,11 @@ class KimiDeltaAttention(DeltaMixer):
     def decay_downs(self) -> list[nn.Linear]:
         return [self.f_proj.down]
 
-    def decay_logits(self, down: Tensor) -> Tensor:
-        """The decay's input before ``dt_bias`` and softplus: one value per key channel, [..., H * K]."""
-        return self.f_proj.up(down)
+    def decay_up(self) -> Tensor | None:
+        return self.f_proj.up.weight  # built without a bias (LowRank(..., None))
 
     def decay_from(self, down: Tensor) -> Tensor:
-        f = (self.decay_logits(down).float() + self.dt_bias).unflatten(-1, (self.num_heads, self.head_dim))
+        f = (self.f_proj.up(down).float() + self.dt_bias).unflatten(-1, (self.num_heads, self.head_dim))
         return -self.A_log.float().exp()[:, None] * F.softplus(f)
 
     def rule(self, chunked: bool):

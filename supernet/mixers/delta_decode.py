@@ -51,7 +51,7 @@ class StepInputs:
     k_lora: tuple[Tensor, Tensor] | None  # (A x [N, rank], B [W, rank]): k's delta on the tiled heads, or None
     v_lora: tuple[Tensor, Tensor] | None
     beta_logit: Tensor  # [N, H]
-    decay_in: Tensor  # the decay's low-rank input (decay_from / decay_logits take it)
+    decay_in: Tensor  # the decay's input (what decay_from takes)
     gate_in: Tensor  # the output gate's low-rank input
 
     def conv_input(self, num_heads: int, head_dim: int) -> Tensor:
@@ -72,10 +72,11 @@ def decode_step(mixer, x: Tensor, base, states: Sequence[DeltaState]) -> Tensor:
     conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
     lib = cpu_kernels.library()
     if lib is not None and x.dtype == conv.dtype == torch.float32 and inputs.q.stride(-1) == 1:
+        gate_up = mixer.gate.up
         o = cpu_kernels.delta_decode(
             lib, inputs.q, inputs.k, inputs.v, inputs.k_lora, inputs.v_lora, conv, mixer.conv_weight,
-            mixer.decay_logits(inputs.decay_in), mixer.dt_bias, mixer.A_log, inputs.beta_logit,
-            mixer.gate.up(inputs.gate_in), mixer.gate_activation, rec, mixer.norm_weight, mixer.eps,
+            inputs.decay_in, mixer.decay_up(), mixer.dt_bias, mixer.A_log, inputs.beta_logit,
+            (inputs.gate_in, gate_up.weight, gate_up.bias), mixer.gate_activation, rec, mixer.norm_weight, mixer.eps,
         )
         return mixer.proj.out(o.view(n, 1, h * d), base)
     y = conv_step_(inputs.conv_input(h, d), conv, mixer.conv_weight, activation="silu").view(n, 3, h, d)
