@@ -1,4 +1,5 @@
-"""The C decode-attention kernel (kernels/cpu) against rotary + torch's attention, and the mixers' use of it."""
+"""The C kernels (kernels/cpu) against torch: decode attention (vs rotary + SDPA, and through the mixers), one-row
+products, RMSNorm. The GDN/KDA step is pinned through the model in tests/core/test_fast_decode.py."""
 
 from __future__ import annotations
 
@@ -119,3 +120,24 @@ def test_rows_of_one_call_keep_their_own_caches_and_lengths() -> None:
     for i in range(4):
         assert torch.equal(out[i], solo[i][0])
         assert torch.equal(caches[i][0], solo[i][1])
+
+
+@pytest.mark.parametrize(("shape", "out_features"), [((1, 576), 960), ((1, 1, 37), 5), ((1, 1, 1, 64), 200)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_row_equals_f_linear(shape, out_features, bias) -> None:
+    gen = torch.Generator().manual_seed(out_features)
+    x = torch.randn(shape, generator=gen)
+    weight = torch.randn(out_features, shape[-1], generator=gen)
+    b = torch.randn(out_features, generator=gen) if bias else None
+    got = cpu_kernels.linear_row(cpu_kernels.library(), x, weight, b)
+    assert got.shape == (*shape[:-1], out_features)
+    torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_equals_torch(weighted) -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = 5 * torch.randn(3, 4, 576, generator=gen)
+    weight = torch.randn(576, generator=gen) if weighted else None
+    got = cpu_kernels.rms_norm(cpu_kernels.library(), x, weight, 1e-5)
+    torch.testing.assert_close(got, F.rms_norm(x, (576,), weight, 1e-5), atol=1e-5, rtol=1e-5)
