@@ -117,8 +117,8 @@ def _load() -> ctypes.CDLL | None:
         log.warning("CPU decode kernels did not build, using torch's attention instead: %s", detail)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.attention_decode_f32.argtypes = [i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64,
-                                         i64, i64, ctypes.c_float, ptr, i64]
+    lib.attention_decode_f32.argtypes = [i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr,
+                                         ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
     lib.attention_decode_f32.restype = ctypes.c_int
     lib.delta_decode_f32.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64,
                                      ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64,
@@ -160,24 +160,31 @@ def attention_decode(
     caches: Sequence[tuple[Tensor, Tensor, int, int]],
     scale: float,
     out: Tensor,
+    ring_positions: Sequence[tuple[Tensor, int]] | None = None,
 ) -> None:
     """Attention for one new token per row (see attention_decode.c), fp32 CPU tensors.
 
     q [N, H * D], k_new / v_new [N, Hkv * D] (q and k before rotary; rows may be strided, channels not),
     cos / sin [N, D] (None: no rotary), out [N, H * D]. ``caches[i]`` = (keys, values, slot, n_attend) of row
     i: [Hkv, capacity, D] tensors with rows of D contiguous floats and the same stride between heads; the new
-    key/value go to ``slot`` and the query attends to slots [0, n_attend). The caller checks dtypes and layouts
-    once per layer (this runs per layer per step, so it only gathers pointers)."""
+    key/value go to ``slot`` and the query attends to slots [0, n_attend). ``ring_positions[i]`` = (row i's
+    contiguous int64 position-per-slot tensor, the new token's position), written at ``slot`` (SWA rings). The
+    caller checks dtypes and layouts once per layer (this runs per layer per step, so it only gathers
+    pointers)."""
     n = len(caches)
     hkv, d = caches[0][0].shape[0], caches[0][0].shape[2]
     i64s, ptrs = ctypes.c_int64 * n, ctypes.c_void_p * n
+    rings = positions = None
+    if ring_positions is not None:
+        rings = ptrs(*(r[0].data_ptr() for r in ring_positions))
+        positions = i64s(*(r[1] for r in ring_positions))
     rc = lib.attention_decode_f32(
         n, q.data_ptr(), q.stride(0), k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0),
         None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
         0 if cos is None else cos.stride(0), ptrs(*(c[0].data_ptr() for c in caches)),
         ptrs(*(c[1].data_ptr() for c in caches)), i64s(*(c[0].stride(0) for c in caches)),
-        i64s(*(c[2] for c in caches)), i64s(*(c[3] for c in caches)), q.shape[-1] // d, hkv, d, scale,
-        out.data_ptr(), out.stride(0),
+        i64s(*(c[2] for c in caches)), i64s(*(c[3] for c in caches)), rings, positions, q.shape[-1] // d, hkv, d,
+        scale, out.data_ptr(), out.stride(0),
     )
     if rc != 0:
         raise RuntimeError(f"attention_decode_f32 refused heads={q.shape[-1] // d} kv_heads={hkv} head_dim={d}")

@@ -113,14 +113,16 @@ static float *scratch_for(int64_t floats) {
  * at + i * rope_stride (cos_ NULL: q and k are used as given), its output [num_heads * d] at out + i * out_stride.
  * k_caches[i] / v_caches[i]: [num_kv_heads, capacity, d] with head_strides[i] floats between heads; the new
  * key/value is written at slots[i] and the query attends to slots [0, n_attend[i]) (FA: slot = length,
- * n_attend = length + 1; SWA: its ring slot, and every filled slot of the ring).
+ * n_attend = length + 1; SWA: its ring slot, and every filled slot of the ring). ring_pos (SWA, else NULL):
+ * ring_pos[i] is row i's int64 position-per-slot array, and positions[i] is written to its slot.
  * Returns 0, or -1 when out of memory or given a shape it does not serve (nothing is written then).
  */
 int attention_decode_f32(int64_t n, const float *q, int64_t q_stride, const float *k_new, const float *v_new,
                          int64_t kv_stride, const float *cos_, const float *sin_, int64_t rope_stride,
                          float *const *k_caches, float *const *v_caches, const int64_t *head_strides,
-                         const int64_t *slots, const int64_t *n_attend, int64_t num_heads, int64_t num_kv_heads,
-                         int64_t d, float scale, float *out, int64_t out_stride) {
+                         const int64_t *slots, const int64_t *n_attend, int64_t *const *ring_pos,
+                         const int64_t *positions, int64_t num_heads, int64_t num_kv_heads, int64_t d, float scale,
+                         float *out, int64_t out_stride) {
     int64_t groups = num_heads / num_kv_heads, longest = 0;
     if (groups < 1 || groups > 16 || groups * num_kv_heads != num_heads || d % 2) return -1;
     for (int64_t i = 0; i < n; i++) {
@@ -134,6 +136,7 @@ int attention_decode_f32(int64_t n, const float *q, int64_t q_stride, const floa
         const float *qi = q + i * q_stride, *ki = k_new + i * kv_stride, *vi = v_new + i * kv_stride;
         const float *ci = cos_ ? cos_ + i * rope_stride : NULL, *si = sin_ ? sin_ + i * rope_stride : NULL;
         int64_t hs = head_strides[i], len = n_attend[i];
+        if (ring_pos) ring_pos[i][slots[i]] = positions[i];
         for (int64_t h = 0; h < num_kv_heads; h++) {
             float *kc = k_caches[i] + h * hs + slots[i] * d;
             float *vc = v_caches[i] + h * hs + slots[i] * d;

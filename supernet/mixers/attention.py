@@ -83,7 +83,7 @@ class Attention(Mixer):
         kind, d = (KVCache if self.window is None else WindowKVCache), self.head_dim
         return all(
             type(s) is kind and s.k.dtype == s.v.dtype == torch.float32 and s.k.stride() == s.v.stride()
-            and s.k.stride()[1:] == (d, 1)
+            and s.k.stride()[1:] == (d, 1) and (kind is KVCache or cast(WindowKVCache, s).pos.is_contiguous())
             for s in states
         )
 
@@ -97,7 +97,7 @@ class Attention(Mixer):
         b = q.shape[0]
         out = q.new_empty(b, self.num_heads * self.head_dim)
         positions = ctx.positions[:, 0].tolist()
-        caches = []
+        caches, rings = [], []
         for state, pos in zip(states, positions, strict=True):
             cache = cast(KVCache | WindowKVCache, state)  # _kernel_serves checked the kinds
             if isinstance(cache, KVCache):
@@ -107,13 +107,14 @@ class Attention(Mixer):
                 cache.length = n_attend = slot + 1
             else:
                 slot = pos if pos < cache.sinks else cache.sinks + (pos - cache.sinks) % cache.window
-                cache.pos[slot] = pos
+                rings.append((cache.pos, pos))  # the kernel records the slot's new position
                 # every filled slot is visible: before the ring is full it holds positions 0..pos, after that
                 # exactly the sinks and the last ``window`` positions (see _with_cache)
                 n_attend = min(pos + 1, cache.k.shape[1])
             caches.append((cache.k, cache.v, slot, n_attend))
         cpu_kernels.attention_decode(
-            lib, q[:, 0], k[:, 0], v[:, 0], ctx.cos[:, 0], ctx.sin[:, 0], caches, self.head_dim**-0.5, out
+            lib, q[:, 0], k[:, 0], v[:, 0], ctx.cos[:, 0], ctx.sin[:, 0], caches, self.head_dim**-0.5, out,
+            rings or None,
         )
         return out.view(b, 1, -1)
 

@@ -68,6 +68,15 @@ def _decode_both_ways(model, placement: str, prompt_len: int) -> None:
             if hasattr(la, "recurrent"):  # GDN/KDA states advanced in place equal the reference's
                 torch.testing.assert_close(la.recurrent, lb.recurrent, atol=2e-5, rtol=0)
                 torch.testing.assert_close(la.conv, lb.conv, atol=2e-5, rtol=0)
+            else:  # FA/SWA caches hold the same keys (rotated), values and, in SWA rings, positions per slot
+                filled = slice(None)
+                if isinstance(la, KVCache):
+                    assert la.length == lb.length
+                    filled = slice(0, la.length)  # slots past the length are uninitialised spare capacity
+                else:
+                    assert torch.equal(la.pos, lb.pos)
+                torch.testing.assert_close(la.k[:, filled], lb.k[:, filled], atol=1e-5, rtol=0)
+                torch.testing.assert_close(la.v[:, filled], lb.v[:, filled], atol=1e-5, rtol=0)
 
 
 def test_changing_batches_and_clones_stay_exact(model) -> None:
