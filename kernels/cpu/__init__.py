@@ -1,6 +1,6 @@
 """CPU decode kernels in plain C, compiled on first use with the machine's C compiler and called through ctypes.
 
-Why C here when everything else is PyTorch: three pieces of a decode step are poorly served by eager torch on
+Why C here when everything else is PyTorch: four pieces of a decode step are poorly served by eager torch on
 CPU, measured on one thread (docs/benchmarks.md):
 
 * ``attention_decode.c``: torch's attention for one query row reads a long KV cache at about a third of the
@@ -17,6 +17,8 @@ The sources hold no Python or torch headers (they take raw pointers into torch t
 ``~/.cache/supernet/kernels``) and written atomically. No compiler, a failed build or
 ``SUPERNET_CPU_KERNELS=0`` leaves ``library()`` None and callers on their torch path, which computes the same
 function (tests pin the two together); ``supernet.fastpath.reference_path()`` also turns the callers' use off.
+They are single-threaded (one thread is the server's default on the small CPUs they were written for; with
+more torch threads the rest of the step still uses them) and fp32 only (bf16 models keep the torch paths).
 """
 
 from __future__ import annotations
