@@ -36,6 +36,12 @@ if importlib.util.find_spec("vllm") is not None:
     import vllm  # noqa: F401  (fails loudly if a CUDA-only dependency came back)
 PY
 
+# A C compiler for the decode step's kernels (kernels/cpu, compiled at first use). Without one the engine runs on
+# torch's slower paths, and the test that the kernels build here fails.
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${SUPERNET_SKIP_APT:-}" ] && ! command -v cc >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev) >/dev/null 2>&1 \
+    || echo "setup: no C compiler installed (decode runs without the C kernels)" >&2
+fi
 # Optional text corpora from Debian for training/evaluation (Austen via rdata, Python docs); not needed by tests.
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${SUPERNET_SKIP_APT:-}" ]; then
   if ! dpkg -s r-cran-janeaustenr python3.11-doc >/dev/null 2>&1; then

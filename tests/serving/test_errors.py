@@ -164,11 +164,11 @@ def test_disconnect_mid_stream_cancels_and_frees_cache(server, client):
 
 def test_disconnect_while_waiting_for_a_non_streaming_answer(server, client):
     engine = server.engine
-    # n=4 x 230 tokens: several times the 0.3 s read timeout even on a fast idle machine (one sample alone can
-    # finish inside it, and then there is nothing left to abort).
-    payload = {"model": "tiny:all-kda", "prompt": PROMPT, "max_tokens": 230, "n": 4, "ignore_eos": True}
+    # n=64 x 230 tokens took 0.9 s on an idle machine with the C decode kernels, 9x the 0.1 s read timeout (n=4
+    # took 0.29 s there, and a request that finishes inside the timeout leaves nothing to abort).
+    payload = {"model": "tiny:all-kda", "prompt": PROMPT, "max_tokens": 230, "n": 64, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
-        httpx.post(server.url + "/v1/completions", json=payload, timeout=httpx.Timeout(30, read=0.3))
+        httpx.post(server.url + "/v1/completions", json=payload, timeout=httpx.Timeout(30, read=0.1))
     deadline = time.monotonic() + 10
     while (engine.groups or engine.budget.used) and time.monotonic() < deadline:
         time.sleep(0.02)
