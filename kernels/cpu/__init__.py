@@ -38,9 +38,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["attention_decode", "delta_decode", "library", "linear_row", "rms_norm", "set_enabled"]
+__all__ = [
+    "MAX_DELTA_HEAD_DIM", "MAX_QUERY_GROUPS", "attention_decode", "delta_decode", "library", "linear_row", "rms_norm",
+    "set_enabled",
+]
 
 log = logging.getLogger(__name__)
+
+# Shapes the kernels serve (callers take their torch path otherwise): query heads per KV head in
+# attention_decode.c, the head dim of delta_decode.c (its per-head scratch lives on the stack).
+MAX_QUERY_GROUPS = 16
+MAX_DELTA_HEAD_DIM = 256
 
 SOURCES = ("attention_decode.c", "delta_decode.c", "linear.c", "norm.c")
 # -fassociative-math (with the two flags it needs) lets the compiler vectorise the dot products' reductions

@@ -124,6 +124,7 @@ int attention_decode_f32(int64_t n, const float *q, int64_t q_stride, const floa
                          const int64_t *positions, int64_t num_heads, int64_t num_kv_heads, int64_t d, float scale,
                          float *out, int64_t out_stride) {
     int64_t groups = num_heads / num_kv_heads, longest = 0;
+    /* 16: kernels/cpu/__init__.py MAX_QUERY_GROUPS (inv_sum below), which callers check first */
     if (groups < 1 || groups > 16 || groups * num_kv_heads != num_heads || d % 2) return -1;
     for (int64_t i = 0; i < n; i++) {
         if (n_attend[i] < 1) return -1;

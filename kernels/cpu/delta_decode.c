@@ -22,7 +22,7 @@
 
 #include "vmath.h"
 
-#define MAX_HEAD_DIM 256
+#define MAX_HEAD_DIM 256 /* kernels/cpu/__init__.py MAX_DELTA_HEAD_DIM: callers check it first */
 
 /* The delta rule for one head: S <- diag(decay) S + k u^T with u = beta (v - (diag(decay) S)^T k), and
  * o = S_new^T q, from two passes over S [d, d] (row kk = key channel kk). ``decay`` has d entries (KDA) or is

@@ -80,6 +80,8 @@ class Attention(Mixer):
             return False
         if cpu_kernels.library() is None or not (q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
             return False
+        if self.num_heads // self.num_kv_heads > cpu_kernels.MAX_QUERY_GROUPS or self.head_dim % 2:
+            return False
         kind, d = (KVCache if self.window is None else WindowKVCache), self.head_dim
         return all(
             type(s) is kind and s.k.dtype == s.v.dtype == torch.float32 and s.k.stride() == s.v.stride()

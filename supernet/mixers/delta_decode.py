@@ -71,7 +71,8 @@ def decode_step(mixer, x: Tensor, base, states: Sequence[DeltaState]) -> Tensor:
     inputs = _project(mixer, x[:, 0], base)
     conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
     lib = cpu_kernels.library()
-    if lib is not None and x.dtype == conv.dtype == torch.float32 and inputs.q.stride(-1) == 1:
+    if (lib is not None and x.dtype == conv.dtype == torch.float32 and inputs.q.stride(-1) == 1
+            and d <= cpu_kernels.MAX_DELTA_HEAD_DIM):
         gate_up = mixer.gate.up
         o = cpu_kernels.delta_decode(
             lib, inputs.q, inputs.k, inputs.v, inputs.k_lora, inputs.v_lora, conv, mixer.conv_weight,
