@@ -15,7 +15,7 @@
  *
  * Accumulation is fp32 throughout. Reductions are reassociated (built with -fassociative-math so dot products
  * vectorise), so results match the reference path to fp32 rounding, not bit for bit
- * (tests/kernels/test_cpu_attention.py).
+ * (tests/kernels/test_cpu_kernels.py).
  */
 #include <math.h>
 #include <stdint.h>
