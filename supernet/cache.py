@@ -68,12 +68,16 @@ class KVCache:
     def append(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Add [Hkv, T, D] keys/values; return views of everything cached so far (no copy)."""
         end = self.length + k_new.shape[1]
-        if end > self.k.shape[1]:
-            self.reserve(max(end, 2 * self.k.shape[1]))
+        self.ensure(end)
         self.k[:, self.length : end] = k_new
         self.v[:, self.length : end] = v_new
         self.length = end
         return self.k[:, :end], self.v[:, :end]
+
+    def ensure(self, end: int) -> None:
+        """Room for positions up to ``end``, doubling when it grows (appends stay amortised O(1))."""
+        if end > self.k.shape[1]:
+            self.reserve(max(end, 2 * self.k.shape[1]))
 
     def reserve(self, capacity: int) -> None:
         """Grow storage (doubling keeps appends amortised O(1)); callers that know the final length reserve it."""
@@ -141,9 +145,13 @@ class WindowKVCache:
         self.v[:, slots] = v_new
         self.pos[slots] = pos_new
 
+    def slot(self, pos: int) -> int:
+        """The ring slot absolute position ``pos`` is written to (``slots`` for a run of positions)."""
+        return pos if pos < self.sinks else self.sinks + (pos - self.sinks) % self.window
+
     def store_one(self, k_new: Tensor, v_new: Tensor, pos: int) -> int:
         """Decode fast path of ``store`` for one token ([Hkv, 1, D]) at absolute position ``pos``."""
-        slot = pos if pos < self.sinks else self.sinks + (pos - self.sinks) % self.window
+        slot = self.slot(pos)
         self.k[:, slot] = k_new[:, 0]
         self.v[:, slot] = v_new[:, 0]
         self.pos[slot] = pos

@@ -8,7 +8,7 @@ CPU, measured on one thread (docs/benchmarks.md):
   passes over the cache -- in one call that streams each cached byte once.
 * ``delta_decode.c``: a GDN/KDA token is ~35 small torch ops per layer (conv, norms, gates, the state update),
   each microseconds of dispatch over a few kilobytes. This is one call per layer.
-* ``norm.c``: torch's fused RMSNorm costs ~20 us for one row, three times per layer.
+* ``norm.c``: torch's fused RMSNorm costs ~10-20 us for one row, twice per layer and once at the end.
 * ``linear.c``: a one-row product through oneDNN streams weights ~20% below what a plain dot-product loop
   reaches, and at batch 1 the weights are most of the step.
 
@@ -118,13 +118,13 @@ def _load() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        log.warning("no C compiler (%s): decode attention runs on torch's CPU attention", compiler)
+        log.warning("no C compiler (%s): the decode step runs on its slower torch paths", compiler)
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or e
-        log.warning("CPU decode kernels did not build, using torch's attention instead: %s", detail)
+        log.warning("CPU decode kernels did not build, the decode step runs on its torch paths: %s", detail)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.attention_decode_f32.argtypes = [i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr,

@@ -104,11 +104,10 @@ class Attention(Mixer):
             cache = cast(KVCache | WindowKVCache, state)  # _kernel_serves checked the kinds
             if isinstance(cache, KVCache):
                 slot = cache.length
-                if slot >= cache.k.shape[1]:
-                    cache.reserve(max(slot + 1, 2 * cache.k.shape[1]))  # doubling, as KVCache.append
+                cache.ensure(slot + 1)
                 cache.length = n_attend = slot + 1
             else:
-                slot = pos if pos < cache.sinks else cache.sinks + (pos - cache.sinks) % cache.window
+                slot = cache.slot(pos)
                 rings.append((cache.pos, pos))  # the kernel records the slot's new position
                 # every filled slot is visible: before the ring is full it holds positions 0..pos, after that
                 # exactly the sinks and the last ``window`` positions (see _with_cache)
