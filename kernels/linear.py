@@ -12,9 +12,11 @@ their low-rank deltas merged in, so they read the teacher's bytes in one call in
 The packed copies are an inference-only cache, held on the module that owns the weights (outside its
 ``state_dict``), keyed by each weight's storage and version counter: an optimizer step or a checkpoint load
 invalidates them. They double the resident weight bytes of the layers a decode step touches; the step itself
-still reads each weight once. One-row products (batch-1 decode) skip oneDNN for the C kernel of
-``kernels.cpu`` (~20% faster at one row), which reads the plain row-major weight: a fused or merged copy keeps
-its plain form beside the packed one (a parameter used alone is its own plain form, no copy).
+still reads each weight once. Decode-sized products (up to ``BLOCKED_MAX_ROWS`` rows) on one torch thread skip
+oneDNN for the C kernel of ``kernels.cpu`` (kernels/cpu/linear.c), which streams a copy of the weight in blocks of
+16 output channels: 1.15x oneDNN's rate at one row and 1.6x at 8 (benchmarks/bench_linear.py), so the weights
+of those layers are held three times (plain, packed, blocked). With more threads oneDNN's threaded kernels
+keep them (at two threads here the two were even).
 
 Prefill and scoring gain too: at 64-1,024 rows oneDNN's packed fp32 product ran at ~220 GFLOP/s on one thread
 here against ~100 for ``F.linear`` (MKL), so under ``torch.inference_mode`` (the engine, evaluation, placement
@@ -49,6 +51,9 @@ PACK_ROWS_HINT = 8  # the row count oneDNN tunes the packed layout for (it serve
 # oneDNN costs ~10 us per call whatever the size (measured here), which F.linear beats on small weights (LoRA
 # factors, gate projections): below this many elements a (fused) weight stays a plain tensor for F.linear.
 PACK_MIN_NUMEL = 1 << 17
+# Up to this many rows (and on one torch thread: the kernel is single-threaded) a product runs on the C kernel
+# of kernels/cpu/linear.c over a blocked copy of the weight instead of oneDNN (benchmarks/bench_linear.py).
+BLOCKED_MAX_ROWS = 16
 
 
 def packed_available() -> bool:
@@ -141,22 +146,23 @@ def derived_linear(
     projections concatenated or a LoRA delta merged in -- built once, prepacked for oneDNN and cached on
     ``owner`` under ``name`` until a source changes. Callers check ``use_packed(x)`` first."""
 
-    def build() -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def build() -> tuple[Tensor, Tensor | None, Tensor | None, int]:
         w, bias = make()
         w = w.detach().contiguous()
         bias = None if bias is None else bias.detach().contiguous()
-        # one-row products (batch-1 decode) stream the plain weight through the C kernel when it is there;
-        # a fused or merged plain copy is kept beside the packed one for them
-        plain = w if w.dtype == torch.float32 and cpu_kernels.library() is not None else None
+        # decode-sized products stream a copy in the C kernel's blocked layout (see the module docstring)
+        blocked = cpu_kernels.block_weight(w) if w.dtype == torch.float32 and cpu_kernels.library() else None
+        out_features = w.shape[0]
         if w.dtype in PACKED_DTYPES and w.numel() >= PACK_MIN_NUMEL:
             w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
-        return w, plain, bias
+        return w, blocked, bias, out_features
 
-    weight, plain, bias = derived(owner, name, sources, build)
-    if plain is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.stride(-1) == 1:
+    weight, blocked, bias, out_features = derived(owner, name, sources, build)
+    if (blocked is not None and x.dtype == torch.float32 and x.stride(-1) == 1
+            and x.numel() <= BLOCKED_MAX_ROWS * x.shape[-1] and torch.get_num_threads() == 1):
         lib = cpu_kernels.library()
         if lib is not None:
-            return cpu_kernels.linear_row(lib, x, plain, bias)
+            return cpu_kernels.linear_rows(lib, x, blocked, bias, out_features)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -21,10 +21,15 @@ def model(tiny_supernet):
 
 @pytest.fixture(autouse=True, params=["c-kernels", "torch"])
 def kernels(request):
-    """Every test twice: the fast path with the C kernels (kernels/cpu) and on torch alone, the path machines
-    without a C compiler take."""
+    """Every test twice: the fast path with the C kernels (kernels/cpu) on one torch thread, where every kernel
+    serves (the products' kernel is single-threaded and steps aside for threaded oneDNN otherwise), and on torch
+    alone, the path machines without a C compiler take."""
     previous = cpu_kernels.set_enabled(request.param == "c-kernels")
+    threads = torch.get_num_threads()
+    if request.param == "c-kernels":
+        torch.set_num_threads(1)
     yield request.param
+    torch.set_num_threads(threads)
     cpu_kernels.set_enabled(previous)
 
 

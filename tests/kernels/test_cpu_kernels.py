@@ -122,16 +122,33 @@ def test_rows_of_one_call_keep_their_own_caches_and_lengths() -> None:
         assert torch.equal(caches[i][0], solo[i][1])
 
 
-@pytest.mark.parametrize(("shape", "out_features"), [((1, 576), 960), ((1, 1, 37), 5), ((1, 1, 1, 64), 200)])
+@pytest.mark.parametrize(
+    ("shape", "out_features"),
+    [((1, 576), 960), ((1, 1, 37), 5), ((1, 1, 1, 64), 200), ((8, 1, 576), 3072), ((3, 7), 33), ((21, 40), 16)],
+)
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_row_equals_f_linear(shape, out_features, bias) -> None:
+def test_linear_rows_equal_f_linear(shape, out_features, bias) -> None:
+    """Every row count of linear.c's specialised loops (1-8, and 21 = 8 + 8 + 5), widths that are not a whole
+    number of 16-channel blocks, with and without bias."""
     gen = torch.Generator().manual_seed(out_features)
     x = torch.randn(shape, generator=gen)
     weight = torch.randn(out_features, shape[-1], generator=gen)
     b = torch.randn(out_features, generator=gen) if bias else None
-    got = cpu_kernels.linear_row(cpu_kernels.library(), x, weight, b)
+    blocked = cpu_kernels.block_weight(weight)
+    assert blocked.shape == (-(-out_features // 16), shape[-1], 16)
+    got = cpu_kernels.linear_rows(cpu_kernels.library(), x, blocked, b, out_features)
     assert got.shape == (*shape[:-1], out_features)
     torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_rows_read_strided_rows() -> None:
+    """Rows of a wider tensor (a split of a fused projection's output) are read in place."""
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randn(5, 100, generator=gen)
+    x = wide[:, 10:74]
+    weight = torch.randn(40, 64, generator=gen)
+    got = cpu_kernels.linear_rows(cpu_kernels.library(), x, cpu_kernels.block_weight(weight), None, 40)
+    torch.testing.assert_close(got, F.linear(x, weight), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("weighted", [True, False])
