@@ -30,6 +30,7 @@ path off for reference numerics.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,8 +40,8 @@ from torch import Tensor, nn
 from kernels import cpu as cpu_kernels
 
 __all__ = [
-    "SMALL_ROWS", "derived", "derived_linear", "fused_linear", "linear", "packed_available", "set_packed_enabled",
-    "use_packed",
+    "SMALL_ROWS", "PreparedLinear", "derived", "derived_linear", "fused_linear", "linear", "packed_available",
+    "prepare", "prepare_fused", "set_packed_enabled", "use_packed",
 ]
 
 # Outside inference mode, calls with at most SMALL_TOKENS tokens per sequence (decode steps, speculative
@@ -103,6 +104,32 @@ def use_packed(x: Tensor) -> bool:
     return x.shape[-2] <= SMALL_TOKENS and x.numel() <= SMALL_ROWS * x.shape[-1]
 
 
+@dataclass(frozen=True)
+class PreparedLinear:
+    """One decode-path weight in every form its products use: oneDNN-packed (or plain, if small or of a dtype
+    oneDNN does not pack), a copy in the C kernel's blocked layout (fp32, where the kernels build), the bias.
+    Calling it multiplies; it stays valid until a source weight changes (``prepare`` rebuilds it then)."""
+
+    weight: Tensor
+    blocked: Tensor | None
+    bias: Tensor | None
+    out_features: int
+
+    def __call__(self, x: Tensor, add_to: Tensor | None = None) -> Tensor:
+        """``F.linear(x, weight, bias)``; with ``add_to`` ([rows, out] contiguous) added to it in place instead
+        (a residual connection: no temporary on the C kernel's path)."""
+        if (self.blocked is not None and x.dtype == torch.float32 and x.stride(-1) == 1
+                and x.numel() <= BLOCKED_MAX_ROWS * x.shape[-1] and torch.get_num_threads() == 1):
+            lib = cpu_kernels.library()
+            if lib is not None:
+                return cpu_kernels.linear_rows(lib, x, self.blocked, self.bias, self.out_features, add_to)
+        if self.weight.is_mkldnn:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if add_to is None else add_to.add_(y.view_as(add_to))
+
+
 def linear(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, owner: nn.Module | None = None, name: str = "weight"
 ) -> Tensor:
@@ -113,15 +140,12 @@ def linear(
     return fused_linear(x, owner, name, [weight], [bias])
 
 
-def fused_linear(
-    x: Tensor, owner: nn.Module, name: str, weights: Sequence[Tensor], biases: Sequence[Tensor | None] = ()
-) -> Tensor:
-    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as one packed call; callers
-    check ``use_packed(x)`` first (the unpacked path is theirs to write as plainly as before).
-
-    ``owner`` holds the packed copy under ``name`` (one cache entry per name). ``biases`` may be empty (no
-    bias) or one entry per weight (None where that projection has none).
-    """
+def prepare_fused(
+    owner: nn.Module, name: str, weights: Sequence[Tensor], biases: Sequence[Tensor | None] = ()
+) -> PreparedLinear:
+    """The projections ``weights`` (with ``biases``: empty for none, or one entry per weight, None where that
+    projection has none) concatenated along their outputs as one prepared weight, cached on ``owner`` under
+    ``name`` (one cache entry per name)."""
     biases = list(biases) or [None] * len(weights)
 
     def make() -> tuple[Tensor, Tensor | None]:
@@ -132,7 +156,37 @@ def fused_linear(
             bias = torch.cat([b.detach() if b is not None else w_.new_zeros(w_.shape[0]) for w_, b in parts])
         return w, bias
 
-    return derived_linear(x, owner, name, [*weights, *biases], make)
+    return prepare(owner, name, [*weights, *biases], make)
+
+
+def fused_linear(
+    x: Tensor, owner: nn.Module, name: str, weights: Sequence[Tensor], biases: Sequence[Tensor | None] = ()
+) -> Tensor:
+    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as one packed call (see
+    ``prepare_fused``); callers check ``use_packed(x)`` first (the unpacked path is theirs to write as plainly
+    as before)."""
+    return prepare_fused(owner, name, weights, biases)(x)
+
+
+def prepare(
+    owner: nn.Module, name: str, sources: Sequence[Tensor | None], make: Callable[[], tuple[Tensor, Tensor | None]]
+) -> PreparedLinear:
+    """``make()``'s weight and bias -- any function of ``sources``, e.g. several projections concatenated or a
+    LoRA delta merged in -- built once, prepared (packed, blocked) and cached on ``owner`` under ``name`` until a
+    source changes."""
+
+    def build() -> PreparedLinear:
+        w, bias = make()
+        w = w.detach().contiguous()
+        bias = None if bias is None else bias.detach().contiguous()
+        # decode-sized products stream a copy in the C kernel's blocked layout (see the module docstring)
+        blocked = cpu_kernels.block_weight(w) if w.dtype == torch.float32 and cpu_kernels.library() else None
+        out_features = w.shape[0]
+        if w.dtype in PACKED_DTYPES and w.numel() >= PACK_MIN_NUMEL:
+            w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
+        return PreparedLinear(w, blocked, bias, out_features)
+
+    return derived(owner, name, sources, build)
 
 
 def derived_linear(
@@ -142,30 +196,8 @@ def derived_linear(
     sources: Sequence[Tensor | None],
     make: Callable[[], tuple[Tensor, Tensor | None]],
 ) -> Tensor:
-    """``F.linear(x, *make())`` with ``make()``'s weight -- any function of ``sources``, e.g. several
-    projections concatenated or a LoRA delta merged in -- built once, prepacked for oneDNN and cached on
-    ``owner`` under ``name`` until a source changes. Callers check ``use_packed(x)`` first."""
-
-    def build() -> tuple[Tensor, Tensor | None, Tensor | None, int]:
-        w, bias = make()
-        w = w.detach().contiguous()
-        bias = None if bias is None else bias.detach().contiguous()
-        # decode-sized products stream a copy in the C kernel's blocked layout (see the module docstring)
-        blocked = cpu_kernels.block_weight(w) if w.dtype == torch.float32 and cpu_kernels.library() else None
-        out_features = w.shape[0]
-        if w.dtype in PACKED_DTYPES and w.numel() >= PACK_MIN_NUMEL:
-            w = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
-        return w, blocked, bias, out_features
-
-    weight, blocked, bias, out_features = derived(owner, name, sources, build)
-    if (blocked is not None and x.dtype == torch.float32 and x.stride(-1) == 1
-            and x.numel() <= BLOCKED_MAX_ROWS * x.shape[-1] and torch.get_num_threads() == 1):
-        lib = cpu_kernels.library()
-        if lib is not None:
-            return cpu_kernels.linear_rows(lib, x, blocked, bias, out_features)
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    """``F.linear(x, *make())`` through ``prepare``'s cached weight. Callers check ``use_packed(x)`` first."""
+    return prepare(owner, name, sources, make)(x)
 
 
 def derived(owner: nn.Module, name: str, sources: Sequence[Tensor | None], build: Callable[[], Any]) -> Any:

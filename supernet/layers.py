@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import rms_norm
-from kernels.linear import fused_linear, linear, use_packed
+from kernels.linear import PreparedLinear, linear, prepare_fused, use_packed
 
 
 class Linear(nn.Linear):
@@ -19,6 +19,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias, self)
+
+    def prepared(self) -> PreparedLinear:
+        """This projection prepared for decode products (the cache ``forward``'s packed calls use)."""
+        return prepare_fused(self, "weight", [self.weight], [self.bias])
 
 
 class RMSNorm(nn.Module):
@@ -42,12 +46,15 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if use_packed(x):  # decode: gate and up read the same input, so they run as one packed matrix
-            gate, up = fused_linear(
-                x, self, "gate_up", [self.gate_proj.weight, self.up_proj.weight],
-                [self.gate_proj.bias, self.up_proj.bias],
-            ).chunk(2, dim=-1)
+            gate, up = self.prepared_gate_up()(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def prepared_gate_up(self) -> PreparedLinear:
+        """gate | up as one prepared weight: they read the same input."""
+        return prepare_fused(
+            self, "gate_up", [self.gate_proj.weight, self.up_proj.weight], [self.gate_proj.bias, self.up_proj.bias]
+        )
 
 
 class RotaryEmbedding(nn.Module):
@@ -111,9 +118,13 @@ class AttentionProjections(nn.Module):
         """q, k, v of x; on the decode path as one packed matrix (they read the same input)."""
         if not use_packed(x):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        y = self.prepared_qkv()(x)
+        return y.split([p.out_features for p in (self.q_proj, self.k_proj, self.v_proj)], dim=-1)
+
+    def prepared_qkv(self) -> PreparedLinear:
+        """q | k | v as one prepared weight: they read the same input."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        y = fused_linear(x, self, "qkv", [p.weight for p in projs], [p.bias for p in projs])
-        return y.split([p.out_features for p in projs], dim=-1)
+        return prepare_fused(self, "qkv", [p.weight for p in projs], [p.bias for p in projs])
 
 
 class LoRA(nn.Module):

@@ -8,7 +8,8 @@ CPU, measured on one thread (docs/benchmarks.md):
   passes over the cache -- in one call that streams each cached byte once.
 * ``delta_decode.c``: a GDN/KDA token is ~35 small torch ops per layer (conv, norms, gates, the state update),
   each microseconds of dispatch over a few kilobytes. This is one call per layer.
-* ``norm.c``: torch's fused RMSNorm costs ~10-20 us for one row, twice per layer and once at the end.
+* ``norm.c``: torch's fused RMSNorm costs ~10-20 us for one row, twice per layer and once at the end;
+  ``activation.c``: the MLP's silu(gate) * up, two ops and a temporary in torch.
 * ``linear.c``: a decode step's products (1 to a few dozen rows) stream every weight of the model; oneDNN's
   packed product reads them at roughly half the memory's rate at 8 rows (~18-20 GB/s on one thread here), this
   blocked layout at ~34-38 GB/s from 1 to 8 rows.
@@ -41,7 +42,7 @@ from torch import Tensor
 
 __all__ = [
     "MAX_DELTA_HEAD_DIM", "MAX_QUERY_GROUPS", "attention_decode", "block_weight", "delta_decode", "library",
-    "linear_rows", "rms_norm", "set_enabled",
+    "linear_rows", "rms_norm", "set_enabled", "silu_mul",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 MAX_QUERY_GROUPS = 16
 MAX_DELTA_HEAD_DIM = 256
 
-SOURCES = ("attention_decode.c", "delta_decode.c", "linear.c", "norm.c")
+SOURCES = ("activation.c", "attention_decode.c", "delta_decode.c", "linear.c", "norm.c")
 # -fassociative-math (with the two flags it needs) lets the compiler vectorise the dot products' reductions
 # without -ffast-math, which would also flush denormals process-wide when the library loads.
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
@@ -135,10 +136,12 @@ def _load() -> ctypes.CDLL | None:
                                      ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64,
                                      ctypes.c_int, ptr, ptr, ctypes.c_float, ptr]
     lib.delta_decode_f32.restype = ctypes.c_int
-    lib.linear_blocked_f32.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64]
+    lib.linear_blocked_f32.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.linear_blocked_f32.restype = None
     lib.rms_norm_f32.argtypes = [ptr, ptr, ctypes.c_float, i64, i64, ptr]
     lib.rms_norm_f32.restype = None
+    lib.silu_mul_f32.argtypes = [ptr, i64, i64, ptr]
+    lib.silu_mul_f32.restype = None
     return lib
 
 
@@ -155,16 +158,29 @@ def block_weight(weight: Tensor) -> Tensor:
     return padded.view(blocks, LINEAR_BLOCK, in_features).transpose(1, 2).contiguous()
 
 
-def linear_rows(lib: ctypes.CDLL, x: Tensor, blocked: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+def linear_rows(
+    lib: ctypes.CDLL, x: Tensor, blocked: Tensor, bias: Tensor | None, out_features: int, add_to: Tensor | None = None
+) -> Tensor:
     """``F.linear(x, weight, bias)`` with ``blocked = block_weight(weight)`` (see linear.c): x fp32 with unit
-    stride along its features (any leading shape), bias [out] contiguous or None."""
+    stride along its features (any leading shape), bias [out] contiguous or None. With ``add_to`` (contiguous,
+    x's rows by ``out_features``) the product is added to it in place instead (a residual connection) and
+    ``add_to`` is returned."""
     in_features = blocked.shape[1]
     x2 = x.reshape(-1, in_features)
-    y = x.new_empty(x2.shape[0], out_features)
-    lib.linear_blocked_f32(x2.data_ptr(), x2.stride(0), x2.shape[0], blocked.data_ptr(),
+    rows = x2.shape[0]
+    y = x.new_empty(rows, out_features) if add_to is None else add_to
+    lib.linear_blocked_f32(x2.data_ptr(), x2.stride(0), rows, blocked.data_ptr(),
                            None if bias is None else bias.data_ptr(), out_features, in_features, y.data_ptr(),
-                           out_features)
-    return y.view(*x.shape[:-1], out_features)
+                           out_features, add_to is not None)
+    return y.view(*x.shape[:-1], out_features) if add_to is None else add_to
+
+
+def silu_mul(lib: ctypes.CDLL, gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of a contiguous fp32 gate | up tensor [..., 2 * width] (see activation.c)."""
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], width)
+    lib.silu_mul_f32(gate_up.data_ptr(), gate_up.numel() // (2 * width), width, out.data_ptr())
+    return out
 
 
 def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:

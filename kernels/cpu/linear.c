@@ -38,9 +38,10 @@ static inline __attribute__((always_inline)) void block_rows(int rows, const flo
 }
 
 /* x [rows, in] (row stride x_stride), wb as above for ``out`` channels, bias [out] or NULL, y [rows, out]
- * (row stride y_stride). */
+ * (row stride y_stride), overwritten, or added to when ``accumulate`` (a residual connection's y += x W^T). */
 void linear_blocked_f32(const float *restrict x, int64_t x_stride, int64_t rows, const float *restrict wb,
-                        const float *restrict bias, int64_t out, int64_t in, float *restrict y, int64_t y_stride) {
+                        const float *restrict bias, int64_t out, int64_t in, float *restrict y, int64_t y_stride,
+                        int accumulate) {
     for (int64_t b = 0; b * BLOCK < out; b++) {
         const float *w = wb + b * in * BLOCK;
         int64_t n0 = b * BLOCK, width = out - n0 < BLOCK ? out - n0 : BLOCK;
@@ -60,10 +61,9 @@ void linear_blocked_f32(const float *restrict x, int64_t x_stride, int64_t rows,
             }
             for (int r = 0; r < n; r++) {
                 float *yr = y + (r0 + r) * y_stride + n0;
-                if (bias) {
-                    for (int64_t j = 0; j < width; j++) yr[j] = acc[r][j] + bias[n0 + j];
-                } else {
-                    memcpy(yr, &acc[r], (size_t)width * sizeof(float));
+                for (int64_t j = 0; j < width; j++) {
+                    float v = bias ? acc[r][j] + bias[n0 + j] : acc[r][j];
+                    yr[j] = accumulate ? yr[j] + v : v;
                 }
             }
         }

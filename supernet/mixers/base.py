@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.linear import derived, derived_linear, fused_linear, use_packed
+from kernels.linear import PreparedLinear, derived, fused_linear, prepare, use_packed
 from supernet.cache import LayerState
 from supernet.config import AttentionConfig
 from supernet.layers import AttentionProjections, LoRA, repeat_heads
@@ -126,6 +126,10 @@ class MixerProjections(nn.Module):
         same bytes as the teacher's q/k/v and one call instead of three. Only without KV tiling: a tiled
         (``kv_repeat`` > 1) merged k/v would read ``kv_repeat`` times the teacher's k/v bytes, more than the
         separate LoRA factors cost."""
+        sizes = [p.out_features for p in (base.q_proj, base.k_proj, base.v_proj)]
+        return self._prepared_merged_qkv(base)(x).split(sizes, dim=-1)
+
+    def _prepared_merged_qkv(self, base: AttentionProjections) -> PreparedLinear:
         loras = cast("dict[str, LoRA]", self.lora)
         projs = (base.q_proj, base.k_proj, base.v_proj)
 
@@ -137,8 +141,17 @@ class MixerProjections(nn.Module):
         sources = [
             t for p, key in zip(projs, "qkv", strict=True) for t in (p.weight, p.bias, loras[key].A, loras[key].B)
         ]
-        y = derived_linear(x, self, "merged_qkv", sources, make)
-        return y.split([p.out_features for p in projs], dim=-1)
+        return prepare(self, "merged_qkv", sources, make)
+
+    def prepared_qkv(self, base: AttentionProjections | None) -> PreparedLinear | None:
+        """q | k | v as one prepared weight, where they are one (attention mixers; not GDN/KDA's tiled LoRA
+        form, whose decode projection is their own, see supernet.mixers.delta_decode)."""
+        if self.own is not None:
+            return self.own.prepared_qkv()
+        base = cast(AttentionProjections, base)
+        if self.lora is None:
+            return base.prepared_qkv()
+        return self._prepared_merged_qkv(base) if self.kv_repeat == 1 else None
 
     def lora_qkv_b(self, a: Tensor) -> Tensor:
         """The q, k and v LoRA B factors applied to the concatenated A outputs ``a`` [..., 3 * rank] at once:
@@ -158,9 +171,17 @@ class MixerProjections(nn.Module):
         o_proj = cast(AttentionProjections, base).o_proj  # shared-weight mixers always get the teacher's
         if self.lora is None:
             return o_proj(o)
-        lora = cast(LoRA, self.lora["o"])
         if use_packed(o):  # decode: the delta merged into a packed copy (same bytes, one call instead of three)
-            return derived_linear(
-                o, self, "merged_o", [o_proj.weight, lora.A, lora.B], lambda: (o_proj.weight + lora.B @ lora.A, None)
-            )
-        return o_proj(o) + lora(o)
+            return self.prepared_out(base)(o)
+        return o_proj(o) + self.lora["o"](o)
+
+    def prepared_out(self, base: AttentionProjections | None) -> PreparedLinear:
+        """The output projection prepared for decode products (a LoRA delta merged in)."""
+        if self.own is not None:
+            return self.own.o_proj.prepared()
+        o_proj = cast(AttentionProjections, base).o_proj
+        if self.lora is None:
+            return o_proj.prepared()
+        lora = cast(LoRA, self.lora["o"])
+        sources = [o_proj.weight, lora.A, lora.B]
+        return prepare(self, "merged_o", sources, lambda: (o_proj.weight + lora.B @ lora.A, None))

@@ -23,7 +23,7 @@ from torch import Tensor
 from kernels import cpu as cpu_kernels
 from kernels import gated_rms_norm, l2_norm
 from kernels.delta_rule.decode import conv_step_, delta_rule_step_
-from kernels.linear import derived_linear, fused_linear
+from kernels.linear import PreparedLinear, prepare, prepare_fused
 from supernet.cache import DeltaState, batched_rows
 from supernet.fastpath import fast_path_enabled
 from supernet.layers import repeat_heads
@@ -68,18 +68,11 @@ def decode_step(mixer, x: Tensor, base, states: Sequence[DeltaState]) -> Tensor:
     """``mixer.forward`` for x [N, 1, hidden] on the fast path (same math, see the module docstring)."""
     n = x.shape[0]
     h, d = mixer.num_heads, mixer.head_dim
-    inputs = _project(mixer, x[:, 0], base)
-    conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
-    lib = cpu_kernels.library()
-    if (lib is not None and x.dtype == conv.dtype == torch.float32 and inputs.q.stride(-1) == 1
-            and d <= cpu_kernels.MAX_DELTA_HEAD_DIM):
-        gate_up = mixer.gate.up
-        o = cpu_kernels.delta_decode(
-            lib, inputs.q, inputs.k, inputs.v, inputs.k_lora, inputs.v_lora, conv, mixer.conv_weight,
-            inputs.decay_in, mixer.decay_up(), mixer.dt_bias, mixer.A_log, inputs.beta_logit,
-            (inputs.gate_in, gate_up.weight, gate_up.bias), mixer.gate_activation, rec, mixer.norm_weight, mixer.eps,
-        )
+    inputs = decode_projection(mixer, base).inputs(x[:, 0])
+    o = kernel_step(mixer, inputs, states)
+    if o is not None:
         return mixer.proj.out(o.view(n, 1, h * d), base)
+    conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
     y = conv_step_(inputs.conv_input(h, d), conv, mixer.conv_weight, activation="silu").view(n, 3, h, d)
     qk = l2_norm(y[:, :2])  # q and k normalised in one pass
     g, beta = mixer.decay_from(inputs.decay_in), torch.sigmoid(inputs.beta_logit)
@@ -89,8 +82,44 @@ def decode_step(mixer, x: Tensor, base, states: Sequence[DeltaState]) -> Tensor:
     return mixer.proj.out(o.reshape(n, 1, h * d), base)
 
 
-def _project(mixer, x: Tensor, base) -> StepInputs:
-    """One packed product of x [N, hidden] with everything the step reads from it.
+def kernel_step(mixer, inputs: StepInputs, states: Sequence[DeltaState]) -> Tensor | None:
+    """The step after the projection on the C kernel (kernels/cpu/delta_decode.c): the output projection's input
+    [N, H * D], the rows' states advanced in place; None where the kernel does not serve (no kernels, not fp32,
+    a head dim past its limit), and nothing is touched then."""
+    lib = cpu_kernels.library()
+    if (lib is None or inputs.q.dtype != torch.float32 or inputs.q.stride(-1) != 1
+            or mixer.head_dim > cpu_kernels.MAX_DELTA_HEAD_DIM):
+        return None
+    conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
+    if conv.dtype != torch.float32:
+        return None
+    gate_up = mixer.gate.up
+    return cpu_kernels.delta_decode(
+        lib, inputs.q, inputs.k, inputs.v, inputs.k_lora, inputs.v_lora, conv, mixer.conv_weight,
+        inputs.decay_in, mixer.decay_up(), mixer.dt_bias, mixer.A_log, inputs.beta_logit,
+        (inputs.gate_in, gate_up.weight, gate_up.bias), mixer.gate_activation, rec, mixer.norm_weight, mixer.eps,
+    )
+
+
+@dataclass
+class DecodeProjection:
+    """Everything a decode step reads from x: one or two prepared products, each with the sizes its output
+    splits into (in StepInputs' order), and k's and v's LoRA B factors (their A outputs are among the parts)."""
+
+    products: list[tuple[PreparedLinear, list[int]]]
+    lora_b: tuple[Tensor, Tensor] | None
+
+    def inputs(self, x: Tensor) -> StepInputs:
+        """The step's inputs from x [N, hidden]."""
+        parts = [p for product, sizes in self.products for p in product(x).split(sizes, dim=-1)]
+        if self.lora_b is None:
+            return StepInputs(parts[0], parts[1], parts[2], None, None, *parts[3:])
+        bk, bv = self.lora_b
+        return StepInputs(parts[0], parts[1], parts[2], (parts[3], bk), (parts[4], bv), *parts[5:])
+
+
+def decode_projection(mixer, base) -> DecodeProjection:
+    """The prepared weights of everything a decode step reads from x.
 
     Own projections (``full`` mode): their fused q/k/v, then the small projections (beta, the decay's and the
     gate's down projections) as one more. Teacher projections with LoRA deltas (``lora`` mode): one matrix of
@@ -103,9 +132,10 @@ def _project(mixer, x: Tensor, base) -> StepInputs:
     smalls = [mixer.b_proj, *mixer.decay_downs(), mixer.gate.down]
     small_sizes = [m.out_features for m in smalls]
     if proj.own is not None:
-        q, k, v = proj.own.qkv(x)
-        parts = fused_linear(x, mixer, "decode_x", [m.weight for m in smalls], [m.bias for m in smalls])
-        return StepInputs(q, k, v, None, None, *parts.split(small_sizes, dim=-1))
+        own = proj.own
+        qkv_sizes = [p.out_features for p in (own.q_proj, own.k_proj, own.v_proj)]
+        small = prepare_fused(mixer, "decode_x", [m.weight for m in smalls], [m.bias for m in smalls])
+        return DecodeProjection([(own.prepared_qkv(), qkv_sizes), (small, small_sizes)], None)
     teacher = (base.q_proj, base.k_proj, base.v_proj)
     loras = [proj.lora[key] for key in "qkv"] if proj.lora is not None else []
 
@@ -124,8 +154,5 @@ def _project(mixer, x: Tensor, base) -> StepInputs:
     sources = [t for p in teacher for t in (p.weight, p.bias)]
     sources += [t for lora in loras for t in (lora.A, lora.B)] + [t for m in smalls for t in (m.weight, m.bias)]
     sizes = [p.out_features for p in teacher] + [lora.A.shape[0] for lora in loras[1:]] + small_sizes
-    y = derived_linear(x, mixer, "decode_x", sources, make).split(sizes, dim=-1)
-    q, k, v = y[:3]
-    if not loras:
-        return StepInputs(q, k, v, None, None, *y[3:])
-    return StepInputs(q, k, v, (y[3], loras[1].B), (y[4], loras[2].B), *y[5:])
+    lora_b = (loras[1].B, loras[2].B) if loras else None
+    return DecodeProjection([(prepare(mixer, "decode_x", sources, make), sizes)], lora_b)
