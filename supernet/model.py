@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.linear import linear, use_packed
+from supernet import decode_program
 from supernet.cache import LayerState, SequenceState
 from supernet.config import MIXER_NAMES, SupernetConfig
 from supernet.layers import MLP, AttentionProjections, Linear, RMSNorm, RotaryEmbedding
@@ -135,6 +136,8 @@ class SupernetForCausalLM(nn.Module):
         and whose caches are updated in place."""
         b, t = input_ids.shape
         rows = self._row_placements(b, placement, states)
+        if states is not None and not return_mixer_io and decode_program.serves(self, input_ids, states):
+            return SupernetOutput(decode_program.step(self, input_ids, states))
         if states is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         else:
