@@ -31,7 +31,7 @@ from supernet.fastpath import fast_path_enabled
 from supernet.mixers.attention import Attention
 from supernet.mixers.base import MixerContext
 from supernet.mixers.delta import DeltaMixer
-from supernet.mixers.delta_decode import DecodeProjection, decode_projection, kernel_step
+from supernet.mixers.delta_decode import DecodeProjection, KernelWeights, decode_projection, kernel_step, kernel_weights
 
 if TYPE_CHECKING:
     from supernet.model import DecoderLayer, SupernetForCausalLM
@@ -80,6 +80,7 @@ class _AttentionPlan(_Entry):
 @dataclass
 class _DeltaPlan(_Entry):
     projection: DecodeProjection
+    kernel: KernelWeights
     out: PreparedLinear
 
 
@@ -156,7 +157,7 @@ def _mix(
             plan.out(attention._kernel_decode(q, k, v, ctx, states).view(h.shape[0], -1), add_to=x)
             return
     elif all(cast(DeltaState, s).history is None for s in states):
-        o = kernel_step(mixer, plan.projection.inputs(h), cast("list[DeltaState]", states))
+        o = kernel_step(mixer, plan.projection.inputs(h), cast("list[DeltaState]", states), plan.kernel)
         if o is not None:
             plan.out(o, add_to=x)
             return
@@ -198,7 +199,10 @@ def _mixer_plan(model: SupernetForCausalLM, i: int, name: str) -> _AttentionPlan
             entry = _AttentionPlan(params, qkv, sizes, mixer.proj.prepared_out(base))
         else:
             assert isinstance(mixer, DeltaMixer)
-            entry = _DeltaPlan(params, decode_projection(mixer, base), mixer.proj.prepared_out(base))
+            projection = decode_projection(mixer, base)
+            entry = _DeltaPlan(
+                params, projection, kernel_weights(mixer, projection.lora_b), mixer.proj.prepared_out(base)
+            )
         cache[(name, i)] = entry
     return entry
 

@@ -257,11 +257,12 @@ def delta_decode(
     ``state`` and the gated RMSNorm; returns the output projection's input [N, H * D].
 
     fp32 CPU tensors whose rows have unit stride along the channels: q [N, W], k / v [N, Hkv * D] (Hkv divides
-    H), ``k_lora`` / ``v_lora`` = (A output [N, rank], B factor [W, rank]) or None; decay_in [N, H] (GDN: the
-    logits) or [N, rank] with ``decay_up`` [W, rank] (KDA: one logit per key channel), both before ``dt_bias``;
-    beta_logit [N, H]; ``gate`` = (input [N, rank], up weight [W, rank], bias [W] or None); conv_state
-    [N, 3W, kw - 1] and state [N, H, D, D] contiguous (advanced in place); conv_weight [3W, kw], a_log [H],
-    norm_weight [D]."""
+    H), ``k_lora`` / ``v_lora`` = (A output [N, rank], B factor transposed [rank, W]) or None; decay_in [N, H]
+    (GDN: the logits) or [N, rank] with ``decay_up`` [rank, W] (KDA's up projection, transposed: one logit per
+    key channel), both before ``dt_bias``; beta_logit [N, H]; ``gate`` = (input [N, rank], up weight transposed
+    [rank, W], bias [W] or None); conv_state [N, 3W, kw - 1] and state [N, H, D, D] contiguous (advanced in
+    place); conv_weight [3W, kw], a_log [H], norm_weight [D]. The up projections come transposed because the
+    kernel runs them as a sum of rows (see delta_decode.c up_project)."""
     n, h, d = state.shape[:3]
     gate_in, gate_up, gate_bias = gate
     weights = [conv_state, state, conv_weight, dt_bias, a_log, norm_weight, gate_up]
@@ -274,7 +275,7 @@ def delta_decode(
     rank = a_stride = 0
     if k_lora is not None and v_lora is not None:
         (ak, bk), (av, bv) = k_lora, v_lora
-        rank, a_stride = bk.shape[1], ak.stride(0)
+        rank, a_stride = bk.shape[0], ak.stride(0)
         if av.stride(0) != a_stride or not (bk.is_contiguous() and bv.is_contiguous()):
             raise ValueError("delta_decode needs the LoRA inputs laid out alike and contiguous B factors")
     out = q.new_empty(n, h * d)
@@ -286,9 +287,9 @@ def delta_decode(
         n, h, d, conv_weight.shape[1], q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
         k.shape[-1] // d, ptr(ak), ptr(av), a_stride, ptr(bk), ptr(bv), rank, conv_state.data_ptr(),
         conv_weight.data_ptr(), decay_in.data_ptr(), decay_in.stride(0), ptr(decay_up),
-        0 if decay_up is None else decay_up.shape[1], dt_bias.data_ptr(), a_log.data_ptr(), beta_logit.data_ptr(),
+        0 if decay_up is None else decay_up.shape[0], dt_bias.data_ptr(), a_log.data_ptr(), beta_logit.data_ptr(),
         beta_logit.stride(0), gate_in.data_ptr(), gate_in.stride(0), gate_up.data_ptr(), ptr(gate_bias),
-        gate_up.shape[1], int(gate_activation == "sigmoid"), state.data_ptr(), norm_weight.data_ptr(), norm_eps,
+        gate_up.shape[0], int(gate_activation == "sigmoid"), state.data_ptr(), norm_weight.data_ptr(), norm_eps,
         out.data_ptr(),
     )
     if rc != 0:

@@ -13,7 +13,7 @@
  * untiled and their LoRA factors, and this tiles and adds (conv_input).
  *
  * Same math as the reference path (REFERENCE.md "Mixer math"; kernels/delta_rule/naive.py), accumulated in fp32;
- * tests/kernels/test_cpu_delta.py pins the two together.
+ * tests/core/test_fast_decode.py pins the two together.
  */
 #include <math.h>
 #include <stdint.h>
@@ -72,21 +72,26 @@ static inline void l2_normalise(float *x, int64_t d, float scale) {
     for (int64_t j = 0; j < d; j++) x[j] *= inv;
 }
 
-/* y (+)= B a (+ bias): the up projection of a low-rank vector a [rank] by B [out, rank] (LoRA B factors, the
- * output gate's and KDA's decay up projections). accumulate: add to y instead of writing it. */
-static void up_project(const float *restrict b, const float *restrict a, const float *restrict bias, int64_t out,
+/* y (+)= B a (+ bias): the up projection of a low-rank vector a [rank] (LoRA B factors, the output gate's and
+ * KDA's decay up projections), with B given transposed, bt [rank, out]: one multiply-add of a row of bt per
+ * rank channel, vectorised along the outputs (B [out, rank] row by row would be ``out`` short dot products,
+ * each ending in a horizontal sum). accumulate: add to y instead of writing it. */
+static void up_project(const float *restrict bt, const float *restrict a, const float *restrict bias, int64_t out,
                        int64_t rank, int accumulate, float *restrict y) {
-    for (int64_t c = 0; c < out; c++) {
-        const float *bc = b + c * rank;
-        float s = bias ? bias[c] : 0.0f;
-        for (int64_t j = 0; j < rank; j++) s += bc[j] * a[j];
-        y[c] = accumulate ? y[c] + s : s;
+    if (!accumulate)
+        for (int64_t c = 0; c < out; c++) y[c] = 0.0f;
+    if (bias)
+        for (int64_t c = 0; c < out; c++) y[c] += bias[c];
+    for (int64_t j = 0; j < rank; j++) {
+        const float *row = bt + j * out;
+        float aj = a[j];
+        for (int64_t c = 0; c < out; c++) y[c] += aj * row[c];
     }
 }
 
 /* One row's conv input q | k | v [3w]: q as given, k and v from ``kv_heads`` heads tiled to h (KV head i serves
- * heads i * r .. i * r + r - 1, as supernet.layers.repeat_heads) plus their LoRA deltas B a (B [w, rank]) when
- * B is given. Assembled here so the packed projection reads the teacher's untiled k/v weights. */
+ * heads i * r .. i * r + r - 1, as supernet.layers.repeat_heads) plus their LoRA deltas B a (B^T given,
+ * [rank, w]) when B is given. Assembled here so the packed projection reads the teacher's untiled k/v weights. */
 static void conv_input(const float *q, const float *k, const float *v, const float *ak, const float *av,
                        const float *bk, const float *bv, int64_t rank, int64_t h, int64_t kv_heads, int64_t d,
                        float *x) {
@@ -107,13 +112,15 @@ static void conv_input(const float *q, const float *k, const float *v, const flo
 /*
  * n rows, h heads of dimension d (width w = h * d); every row pointer below advances by its row stride.
  * q [n, w], k / v [n, kv_heads * d]: the projections before the short convolution; ak / av [n, rank] and
- * bk / bv [w, rank]: k's and v's LoRA factors (NULL: none), see conv_input.
+ * bk / bv [rank, w]: k's and v's LoRA factors, B transposed (NULL: none), see conv_input. Every up projection
+ * below takes its weight transposed too (see up_project).
  * conv_state [n, 3w, kw - 1] contiguous, oldest first; shifted in place to end with this token's inputs.
  * conv_weight [3w, kw].
  * decay_in [n, m]: the decay's input. GDN (decay_up NULL): a_proj's output, m = h, one logit per head. KDA:
- * f_proj's low-rank input, and decay_up [w, m] (f_proj's up projection) makes one logit per key channel.
+ * f_proj's low-rank input, and decay_up [m, w] (f_proj's up projection, transposed) makes one logit per key
+ * channel.
  * dt_bias [h] or [w]; a_log [h]: g = -exp(a_log) softplus(logit + dt_bias), decay = exp(g).
- * beta_logit [n, h]. gate_in [n, rg], gate_up [w, rg], gate_bias [w] (or NULL): the output gate
+ * beta_logit [n, h]. gate_in [n, rg], gate_up [rg, w] (transposed), gate_bias [w] (or NULL): the output gate
  * gate_up gate_in + gate_bias before its activation (gate_sigmoid: sigmoid, else SiLU).
  * state [n, h, d, d] fp32 contiguous, advanced in place. norm_weight [d], norm_eps: the gated RMSNorm.
  * out [n, w] contiguous. Returns 0, or -1 for a head dim above MAX_HEAD_DIM or a scratch allocation failure.

@@ -23,7 +23,7 @@ from torch import Tensor
 from kernels import cpu as cpu_kernels
 from kernels import gated_rms_norm, l2_norm
 from kernels.delta_rule.decode import conv_step_, delta_rule_step_
-from kernels.linear import PreparedLinear, prepare, prepare_fused
+from kernels.linear import PreparedLinear, derived, prepare, prepare_fused
 from supernet.cache import DeltaState, batched_rows
 from supernet.fastpath import fast_path_enabled
 from supernet.layers import repeat_heads
@@ -82,10 +82,41 @@ def decode_step(mixer, x: Tensor, base, states: Sequence[DeltaState]) -> Tensor:
     return mixer.proj.out(o.reshape(n, 1, h * d), base)
 
 
-def kernel_step(mixer, inputs: StepInputs, states: Sequence[DeltaState]) -> Tensor | None:
+@dataclass(frozen=True)
+class KernelWeights:
+    """The up projections the C kernel applies, transposed to [rank, W] (how it runs them: kernels/cpu/
+    delta_decode.c up_project): the output gate's, KDA's decay's (None for GDN), k's and v's LoRA B factors
+    (None without LoRA)."""
+
+    gate_up: Tensor
+    decay_up: Tensor | None
+    lora_b: tuple[Tensor, Tensor] | None
+
+
+def kernel_weights(mixer, lora_b: tuple[Tensor, Tensor] | None) -> KernelWeights:
+    """``mixer``'s KernelWeights, cached on it until a source weight changes (``kernels.linear.derived``)."""
+    decay_up = mixer.decay_up()
+    sources = [mixer.gate.up.weight, decay_up, *(lora_b or ())]
+
+    def build() -> KernelWeights:
+        def t(w: Tensor) -> Tensor:
+            return w.detach().t().contiguous()
+
+        return KernelWeights(
+            t(mixer.gate.up.weight), None if decay_up is None else t(decay_up),
+            None if lora_b is None else (t(lora_b[0]), t(lora_b[1])),
+        )
+
+    return derived(mixer, "decode_kernel", sources, build)
+
+
+def kernel_step(
+    mixer, inputs: StepInputs, states: Sequence[DeltaState], weights: KernelWeights | None = None
+) -> Tensor | None:
     """The step after the projection on the C kernel (kernels/cpu/delta_decode.c): the output projection's input
     [N, H * D], the rows' states advanced in place; None where the kernel does not serve (no kernels, not fp32,
-    a head dim past its limit), and nothing is touched then."""
+    a head dim past its limit), and nothing is touched then. ``weights``: ``kernel_weights``' result, if the
+    caller holds it."""
     lib = cpu_kernels.library()
     if (lib is None or inputs.q.dtype != torch.float32 or inputs.q.stride(-1) != 1
             or mixer.head_dim > cpu_kernels.MAX_DELTA_HEAD_DIM):
@@ -93,11 +124,17 @@ def kernel_step(mixer, inputs: StepInputs, states: Sequence[DeltaState]) -> Tens
     conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
     if conv.dtype != torch.float32:
         return None
-    gate_up = mixer.gate.up
+    if weights is None:
+        lora_b = None if inputs.k_lora is None or inputs.v_lora is None else (inputs.k_lora[1], inputs.v_lora[1])
+        weights = kernel_weights(mixer, lora_b)
+    k_lora = v_lora = None
+    if inputs.k_lora is not None and inputs.v_lora is not None and weights.lora_b is not None:
+        k_lora, v_lora = (inputs.k_lora[0], weights.lora_b[0]), (inputs.v_lora[0], weights.lora_b[1])
     return cpu_kernels.delta_decode(
-        lib, inputs.q, inputs.k, inputs.v, inputs.k_lora, inputs.v_lora, conv, mixer.conv_weight,
-        inputs.decay_in, mixer.decay_up(), mixer.dt_bias, mixer.A_log, inputs.beta_logit,
-        (inputs.gate_in, gate_up.weight, gate_up.bias), mixer.gate_activation, rec, mixer.norm_weight, mixer.eps,
+        lib, inputs.q, inputs.k, inputs.v, k_lora, v_lora, conv, mixer.conv_weight, inputs.decay_in,
+        weights.decay_up, mixer.dt_bias, mixer.A_log, inputs.beta_logit,
+        (inputs.gate_in, weights.gate_up, mixer.gate.up.bias), mixer.gate_activation, rec, mixer.norm_weight,
+        mixer.eps,
     )
 
 
