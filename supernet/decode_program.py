@@ -28,6 +28,7 @@ from kernels import cpu as cpu_kernels
 from kernels.linear import BLOCKED_MAX_ROWS, PreparedLinear, prepare_fused
 from supernet.cache import DeltaState, LayerState, SequenceState
 from supernet.fastpath import fast_path_enabled
+from supernet.layers import AttentionProjections
 from supernet.mixers.attention import Attention
 from supernet.mixers.base import MixerContext
 from supernet.mixers.delta import DeltaMixer
@@ -174,7 +175,8 @@ def _trunk(model: SupernetForCausalLM, i: int) -> _Trunk:
     if entry is None or not entry.valid():
         layer = cast("DecoderLayer", model.layers[i])
         mlp = layer.mlp
-        params = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *mlp.parameters()]
+        params: list[Tensor] = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                *mlp.parameters()]
         entry = cache[("trunk", i)] = _Trunk(
             params, layer.input_layernorm.weight.detach().contiguous(),
             layer.post_attention_layernorm.weight.detach().contiguous(),
@@ -190,11 +192,11 @@ def _mixer_plan(model: SupernetForCausalLM, i: int, name: str) -> _AttentionPlan
         layer = cast("DecoderLayer", model.layers[i])
         mixer = layer.mixers[name]
         base = layer.attn
-        params = [*mixer.parameters(), *(base.parameters() if base is not None else ())]
+        params: list[Tensor] = [*mixer.parameters(), *(base.parameters() if base is not None else ())]
         if isinstance(mixer, Attention):
             qkv = mixer.proj.prepared_qkv(base)
             assert qkv is not None  # attention mixers never tile their KV heads
-            projs = mixer.proj.own if mixer.proj.own is not None else base
+            projs = cast(AttentionProjections, mixer.proj.own if mixer.proj.own is not None else base)
             sizes = [p.out_features for p in (projs.q_proj, projs.k_proj, projs.v_proj)]
             entry = _AttentionPlan(params, qkv, sizes, mixer.proj.prepared_out(base))
         else:
