@@ -30,12 +30,16 @@ def _activate(y: Tensor, activation: str | None) -> Tensor:
 def _conv_valid(ext: Tensor, weight: Tensor, bias: Tensor | None, T: int) -> Tensor:
     """Valid (no padding) depthwise conv over ``ext [B, T + W - 1, C]`` -> ``[B, T, C]`` in fp32."""
     W = weight.shape[-1]
-    w = weight.float()
-    y = ext[:, 0:T] * w[:, 0]
+    # Each tap's weights contiguous ([W, C]): a strided column of [C, W] made every pass ~3x slower on CPU. The
+    # passes accumulate in place into one buffer: a fresh multi-MB result per pass page-faults on every call
+    # (a 256-token prefill chunk of SmolLM2's GDN conv: 0.34 vs ~1 ms). Autograd needs none of the overwritten
+    # values (each pass saves only its own inputs).
+    w = weight.float().t().contiguous()
+    y = ext[:, 0:T] * w[0]
     for i in range(1, W):
-        y = torch.addcmul(y, ext[:, i : i + T], w[:, i])
+        y.addcmul_(ext[:, i : i + T], w[i])
     if bias is not None:
-        y = y + bias.float()
+        y += bias.float()
     return y
 
 

@@ -31,11 +31,12 @@ from kernels import (
     recurrent_gated_delta_rule,
     recurrent_kda,
 )
+from kernels.linear import use_packed
 from supernet.cache import DeltaState, LayerState
 from supernet.config import DeltaConfig, SupernetConfig
 from supernet.layers import AttentionProjections, Linear
 from supernet.mixers.base import Mixer, MixerContext, MixerProjections
-from supernet.mixers.delta_decode import decode_step, use_fast_decode
+from supernet.mixers.delta_decode import decode_projection, decode_step, use_fast_decode
 
 SILU_ONE = 1.2784645  # silu(SILU_ONE) == 1.0: the GDN output gate's neutral bias
 SIGMOID_NEUTRAL = 5.0  # sigmoid(5) ~= 0.993: KDA's near-open gate
@@ -125,7 +126,16 @@ class DeltaMixer(Mixer):
         if rows is not None and use_fast_decode(x, rows):
             return decode_step(self, x, base, rows)
         b, t, _ = x.shape
-        qkv = raw = torch.cat(self.proj.qkv(x, base), dim=-1)
+        if use_packed(x):  # inference: everything read from x in one prepared product, as the decode step does
+            inputs = decode_projection(self, base).inputs(x.reshape(b * t, -1))
+            qkv = raw = inputs.conv_input(self.num_heads, self.head_dim).view(b, t, -1)
+            beta = torch.sigmoid(inputs.beta_logit).view(b, t, -1)
+            g = self.decay_from(inputs.decay_in.view(b, t, -1))
+            gate = self.gate.up(inputs.gate_in).view(b, t, self.num_heads, self.head_dim)
+        else:
+            qkv = raw = torch.cat(self.proj.qkv(x, base), dim=-1)
+            beta, g = torch.sigmoid(self.b_proj(x)), self.decay(x)
+            gate = self.gate(x).view(b, t, self.num_heads, self.head_dim)
         conv_state = None if rows is None else torch.stack([s.conv for s in rows])
         rec_state = None if rows is None else torch.stack([s.recurrent for s in rows])
         if conv_state is not None and t == 1:
@@ -140,19 +150,15 @@ class DeltaMixer(Mixer):
             )
         q, k, v = (z.view(b, t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
         q, k = l2_norm(q), l2_norm(k)
-        beta = torch.sigmoid(self.b_proj(x))
         if rows is not None and any(s.history is not None for s in rows):
-            o, rec_state = self._recorded(raw, q, k, v, self.decay(x), beta, rec_state, rows)
+            o, rec_state = self._recorded(raw, q, k, v, g, beta, rec_state, rows)
         else:
             rule = self.rule(chunked=rows is None or t > 1)
-            o, rec_state = rule(
-                q, k, v, self.decay(x), beta, initial_state=rec_state, output_final_state=rows is not None
-            )
+            o, rec_state = rule(q, k, v, g, beta, initial_state=rec_state, output_final_state=rows is not None)
         if rows is not None:  # then both final states were asked for, so neither is None
             conv_final, rec_final = cast(Tensor, conv_state), cast(Tensor, rec_state)
             for i, state in enumerate(rows):
                 state.conv, state.recurrent = conv_final[i], rec_final[i]
-        gate = self.gate(x).view(b, t, self.num_heads, self.head_dim)
         o = gated_rms_norm(o, gate, self.norm_weight, self.eps, activation=self.gate_activation)
         return self.proj.out(o.reshape(b, t, -1), base)
 

@@ -26,7 +26,6 @@ from kernels.delta_rule.decode import conv_step_, delta_rule_step_
 from kernels.linear import PreparedLinear, derived, prepare, prepare_fused
 from supernet.cache import DeltaState, batched_rows
 from supernet.fastpath import fast_path_enabled
-from supernet.layers import repeat_heads
 
 
 def use_fast_decode(x: Tensor, states: Sequence[DeltaState] | None) -> bool:
@@ -55,13 +54,20 @@ class StepInputs:
     gate_in: Tensor  # the output gate's low-rank input
 
     def conv_input(self, num_heads: int, head_dim: int) -> Tensor:
-        """q | k | v [N, 3W] as the conv reads it: KV heads tiled, LoRA deltas added (what the C kernel does)."""
-        repeats = num_heads * head_dim // self.k.shape[-1]
-        parts = [self.q]
-        for t, lora in ((self.k, self.k_lora), (self.v, self.v_lora)):
-            t = repeat_heads(t, head_dim, repeats)
-            parts.append(t if lora is None else t + lora[0] @ lora[1].t())
-        return torch.cat(parts, dim=-1)
+        """q | k | v [N, 3W] as the conv reads it: KV heads tiled (as supernet.layers.repeat_heads), LoRA deltas
+        added (what the C kernel does). Written into one buffer: at prefill sizes the copies and temporaries of
+        tiling, adding and concatenating cost about as much as the projection itself."""
+        n, width = self.q.shape[0], num_heads * head_dim
+        kv_heads = self.k.shape[-1] // head_dim
+        out = self.q.new_empty(n, 3 * width)
+        out[:, :width] = self.q
+        for i, (t, lora) in enumerate(((self.k, self.k_lora), (self.v, self.v_lora)), start=1):
+            part = out[:, i * width : (i + 1) * width]
+            tiled = t.reshape(n, kv_heads, 1, head_dim).expand(n, kv_heads, num_heads // kv_heads, head_dim)
+            part.view(n, kv_heads, -1, head_dim).copy_(tiled)
+            if lora is not None:
+                part.addmm_(lora[0], lora[1].t())
+        return out
 
 
 def decode_step(mixer, x: Tensor, base, states: Sequence[DeltaState]) -> Tensor:

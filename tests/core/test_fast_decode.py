@@ -118,8 +118,20 @@ def test_changing_batches_and_clones_stay_exact(model) -> None:
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_inference_mode_prefill_and_scoring_equal_the_reference(model, placement: str) -> None:
-    """Under inference mode prompt-sized products take the packed weights too (kernels/linear.py): whole-
-    sequence logits and a chunked prefill's states equal the reference path's to fp32 rounding."""
+    """Under inference mode prompt-sized products take the packed weights too (kernels/linear.py), and GDN/KDA
+    read x through their decode projection: whole-sequence logits and a chunked prefill's states equal the
+    reference path's to fp32 rounding."""
+    _prefill_and_score_both_ways(model, placement)
+
+
+@pytest.mark.parametrize("placement", ["all-gdn", "all-kda"])
+def test_inference_mode_prefill_of_own_projections(tiny_teacher, placement: str) -> None:
+    from supernet.convert import build_from_teacher
+
+    _prefill_and_score_both_ways(perturbed(build_from_teacher(tiny_teacher, mixer_weights="full"), 6), placement)
+
+
+def _prefill_and_score_both_ways(model, placement: str) -> None:
     gen = torch.Generator().manual_seed(13)
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=gen)
     with torch.inference_mode():
