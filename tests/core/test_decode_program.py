@@ -13,6 +13,7 @@ from kernels.linear import BLOCKED_MAX_ROWS
 from supernet import decode_program
 from supernet.fastpath import reference_path
 from tests.core.helpers import perturbed
+from tests.threads import torch_threads
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="the C kernels do not build here")
 
@@ -24,10 +25,9 @@ def model(tiny_supernet):
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """The thread count the program serves (see test_serves_only_what_its_kernels_cover)."""
+    with torch_threads(1):
+        yield
 
 
 def _states(model, placements, prompt_len=6, seed=0):

@@ -10,6 +10,7 @@ from kernels import cpu as cpu_kernels
 from supernet.cache import KVCache
 from supernet.fastpath import reference_path
 from tests.core.helpers import perturbed
+from tests.threads import torch_threads
 
 PLACEMENTS = ["all-fa", "all-swa", "all-gdn", "all-kda", "fa,swa,gdn,kda"]
 
@@ -25,11 +26,8 @@ def kernels(request):
     serves (the products' kernel is single-threaded and steps aside for threaded oneDNN otherwise), and on torch
     alone, the path machines without a C compiler take."""
     previous = cpu_kernels.set_enabled(request.param == "c-kernels")
-    threads = torch.get_num_threads()
-    if request.param == "c-kernels":
-        torch.set_num_threads(1)
-    yield request.param
-    torch.set_num_threads(threads)
+    with torch_threads(1 if request.param == "c-kernels" else torch.get_num_threads()):
+        yield request.param
     cpu_kernels.set_enabled(previous)
 
 

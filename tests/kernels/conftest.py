@@ -4,12 +4,11 @@ avoids OpenMP spin contention with other jobs (which made these tests several ti
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tests.threads import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_llama_config
+from tests.threads import torch_threads
 
 TINY_VOCAB = 320
 
@@ -71,7 +72,5 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def one_thread():
     """Tiny models on a shared 2-core machine run fastest on one thread (no OpenMP barrier spinning when other
     jobs hold the cores); restored afterwards for other packages' tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield

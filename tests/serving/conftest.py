@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import free_port, tiny_llama_config
+from tests.threads import torch_threads
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -107,10 +108,8 @@ def wait_until_healthy(proc, url: str, seconds: float = 90.0) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """The server's default on 2 cores (serving.server.default_threads); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
