@@ -125,11 +125,10 @@ def kernel_step(
     caller holds it."""
     lib = cpu_kernels.library()
     if (lib is None or inputs.q.dtype != torch.float32 or inputs.q.stride(-1) != 1
-            or mixer.head_dim > cpu_kernels.MAX_DELTA_HEAD_DIM):
+            or mixer.head_dim > cpu_kernels.MAX_DELTA_HEAD_DIM
+            or any(s.conv.dtype != torch.float32 for s in states)):
         return None
     conv, rec = batched_rows(mixer.__dict__.setdefault("_decode_rows", {}), states, ("conv", "recurrent"))
-    if conv.dtype != torch.float32:
-        return None
     if weights is None:
         lora_b = None if inputs.k_lora is None or inputs.v_lora is None else (inputs.k_lora[1], inputs.v_lora[1])
         weights = kernel_weights(mixer, lora_b)
