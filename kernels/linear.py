@@ -14,8 +14,9 @@ The packed copies are an inference-only cache, held on the module that owns the 
 invalidates them. They double the resident weight bytes of the layers a decode step touches; the step itself
 still reads each weight once. Decode-sized products (up to ``BLOCKED_MAX_ROWS`` rows) on one torch thread skip
 oneDNN for the C kernel of ``kernels.cpu`` (kernels/cpu/linear.c), which streams a copy of the weight in blocks of
-16 output channels: 1.15x oneDNN's rate at one row and 1.6x at 8 (benchmarks/bench_linear.py), so the weights
-of those layers are held three times (plain, packed, blocked). With more threads oneDNN's threaded kernels
+16 output channels: 1.0-1.2x oneDNN's rate at one row and 1.35-1.6x at 8 (benchmarks/bench_linear.py, runs
+on a VM whose bandwidth drifts), so those layers' weights are held three times (the parameters, the packed copy,
+the blocked copy). With more threads oneDNN's threaded kernels
 keep them (at two threads here the two were even).
 
 Prefill and scoring gain too: at 64-1,024 rows oneDNN's packed fp32 product ran at ~220 GFLOP/s on one thread

@@ -11,8 +11,8 @@ CPU, measured on one thread (docs/benchmarks.md):
 * ``norm.c``: torch's fused RMSNorm costs ~10-20 us for one row, twice per layer and once at the end;
   ``activation.c``: the MLP's silu(gate) * up, two ops and a temporary in torch.
 * ``linear.c``: a decode step's products (1 to a few dozen rows) stream every weight of the model; oneDNN's
-  packed product reads them at roughly half the memory's rate at 8 rows (~18-20 GB/s on one thread here), this
-  blocked layout at ~34-38 GB/s from 1 to 8 rows.
+  packed product reads them at roughly half the memory's rate at 8 rows (~17-20 GB/s on one thread here), this
+  blocked layout at ~25-34 GB/s from 1 to 8 rows.
 
 The sources hold no Python or torch headers (they take raw pointers into torch tensors), so building is one
 ``cc`` call of well under a second, cached per source, flags and CPU under ``$SUPERNET_KERNEL_CACHE`` (default

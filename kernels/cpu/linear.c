@@ -8,8 +8,9 @@
  * wb[n / 16][k][n % 16] (kernels.cpu.block_weight lays it out; the last block zero-padded): for each k one
  * 64-byte load of the block feeds one fused multiply-add per row (x[r][k] broadcast), accumulating 16 outputs
  * per row in a register, and a software prefetch 8 KB ahead keeps the single sequential stream at the memory's
- * rate. Measured here (benchmarks/bench_linear.py, one thread): ~34-38 GB/s at 1-8 rows; past 8 rows a block
- * (in L1/L2 by then) is reread per 8 rows, ~160-190 GFLOP/s at 16-64 rows.
+ * rate. Measured here on one thread: 25-34 GB/s at 1-8 rows through benchmarks/bench_linear.py (up to ~38 in a
+ * standalone C loop; this VM's bandwidth drifts); past 8 rows a block (in L1/L2 by then) is reread per 8 rows,
+ * ~130-180 GFLOP/s at 16-64 rows.
  *
  * GCC/Clang vector extensions, no intrinsics: the 16-float vector is one AVX-512 register, two AVX2 ones, or
  * four NEON ones, whatever -march=native gives.
