@@ -42,7 +42,7 @@ from kernels import cpu as cpu_kernels
 
 __all__ = [
     "SMALL_ROWS", "PreparedLinear", "derived", "derived_linear", "fused_linear", "linear", "packed_available",
-    "prepare", "prepare_fused", "set_packed_enabled", "use_packed",
+    "prepare", "prepare_fused", "set_packed_enabled", "sources_key", "use_packed",
 ]
 
 # Outside inference mode, calls with at most SMALL_TOKENS tokens per sequence (decode steps, speculative
@@ -84,7 +84,9 @@ def _version(t: Tensor) -> int:
         return -1
 
 
-def _key(tensors: Sequence[Tensor | None]) -> tuple:
+def sources_key(tensors: Sequence[Tensor | None]) -> tuple:
+    """What identifies the state of some weights: storage, dtype, shape and version of each (a training step, a
+    load or a replacement changes it); caches of tensors derived from them compare it."""
     return tuple(None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape), _version(t)) for t in tensors)
 
 
@@ -206,7 +208,7 @@ def derived(owner: nn.Module, name: str, sources: Sequence[Tensor | None], build
 
     For inference-only copies of weights in another layout (packed, fused, block-diagonal): they live in the
     module's ``__dict__``, outside its ``state_dict``, and are rebuilt after an optimizer step or a load."""
-    key = _key(sources)
+    key = sources_key(sources)
     cache = owner.__dict__.setdefault("_derived_weights", {})
     entry = cache.get(name)
     if entry is None or entry[0] != key:

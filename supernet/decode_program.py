@@ -5,7 +5,7 @@ With the C kernels doing the arithmetic (kernels/cpu), a batch-1 step of the dem
 torch ops (splits, residual adds, the MLP's activation, temporaries). This runs the same math -- the same
 prepared weights (kernels.linear.PreparedLinear), the same kernels, the mixers' own decode helpers -- as one
 loop over the layers: the weights are looked up once and reused while their sources are unchanged (checked per
-step by storage and version, as ``kernels.linear.derived`` does per call), the residual adds happen inside the
+step by the same key ``kernels.linear.derived`` checks per call), the residual adds happen inside the
 output products, and the MLP's activation is one kernel call.
 
 It serves a step when every piece of it has a kernel: fp32 on CPU, one torch thread (the product kernel is
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kernels import cpu as cpu_kernels
-from kernels.linear import BLOCKED_MAX_ROWS, PreparedLinear, prepare_fused
+from kernels.linear import BLOCKED_MAX_ROWS, PreparedLinear, prepare_fused, sources_key
 from supernet.cache import DeltaState, LayerState, SequenceState
 from supernet.fastpath import fast_path_enabled
 from supernet.layers import AttentionProjections
@@ -38,26 +38,19 @@ if TYPE_CHECKING:
     from supernet.model import DecoderLayer, SupernetForCausalLM
 
 
-def _stamp(tensors: Sequence[Tensor]) -> list[tuple[int, int]]:
-    """Storage and version of each tensor: what changes when a weight is trained, loaded or replaced."""
-    try:
-        return [(t.data_ptr(), t._version) for t in tensors]
-    except RuntimeError:  # inference tensors carry no version counter (they cannot change in place)
-        return [(t.data_ptr(), -1) for t in tensors]
-
-
 @dataclass
 class _Entry:
-    """Prepared weights of one piece of the step, with the stamp of the parameters they came from."""
+    """Prepared weights of one piece of the step, with the key of the parameters they came from
+    (``kernels.linear.sources_key``, what the prepared weights' own caches compare)."""
 
     params: list[Tensor]
-    stamp: list[tuple[int, int]] = field(init=False)
+    key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        self.stamp = _stamp(self.params)
+        self.key = sources_key(self.params)
 
     def valid(self) -> bool:
-        return _stamp(self.params) == self.stamp
+        return sources_key(self.params) == self.key
 
 
 @dataclass
